@@ -1,0 +1,3 @@
+from fksroute.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,89 @@
+"""The one interface every execution plugin implements, and the values it trades in."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Collection, Mapping, Protocol, runtime_checkable
+
+# Result statuses a plugin may return; `skipped` and `queued` are set by the dispatcher only.
+FILLED = "filled"
+PLACED = "placed"
+DRY_RUN = "dry_run"
+FAILED = "failed"
+UNKNOWN = "unknown"
+SUCCESS_STATUSES = frozenset({FILLED, PLACED, DRY_RUN, "skipped", "queued"})
+
+
+@dataclass(frozen=True)
+class OrderRequest:
+    """One validated order on its way to a plugin.
+
+    `order` is the canonical order (symbol, side, type, quantity, price, stop_price,
+    stop_loss, take_profit, time_in_force, account, ...), already rendered and checked
+    against the order schemas. `client_order_id` is derived from the alert and route and
+    is the same on every retry and after a restart: send it to the venue.
+    """
+
+    client_order_id: str
+    alert_id: str
+    route: str
+    plugin: str
+    order: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class OrderResult:
+    """What became of one order. `detail` holds plain JSON data only (it is journaled)."""
+
+    status: str
+    order_id: str | None = None
+    error: str | None = None
+    filled_quantity: float | None = None
+    average_price: float | None = None
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status in SUCCESS_STATUSES
+
+
+@dataclass(frozen=True)
+class PluginContext:
+    """What a plugin may know about its surroundings."""
+
+    base_dir: Path  # the directory of routes.yaml: relative paths in settings start here
+    logger: logging.Logger
+
+
+@runtime_checkable
+class Plugin(Protocol):
+    """An execution venue. Built as `Cls(name, settings, context)`.
+
+    `start` must not raise because a venue is unreachable: it reports that through
+    `health` and retries on its own. `execute` never raises for venue errors; it returns
+    a failed `OrderResult` whose `error` is safe to show (no secrets).
+    """
+
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def execute(self, request: OrderRequest) -> OrderResult: ...
+
+    async def lookup(self, request: OrderRequest) -> OrderResult | None:
+        """Find an order already sent, by its client order id; None when this venue cannot tell."""
+        ...
+
+    async def health(self) -> dict[str, Any]:
+        """At least {"healthy": bool}; plain JSON data."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def market_symbols(plugin: object) -> Collection[str]:
+    """The venue's own symbols, where the plugin knows them (ccxt after load_markets)."""
+    getter = getattr(plugin, "market_symbols", None)
+    return getter() if callable(getter) else ()
