@@ -1,0 +1,233 @@
+"""Execution: ordered lanes per (plugin, account, symbol), journaled before and after each send."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from typing import Any, Awaitable, Callable, Mapping
+
+from fksroute.journal import OPEN, PENDING, SENT, Journal, JournalError, OrderRow
+from fksroute.metrics import Metrics
+from fksroute.plugins.base import FAILED, PLACED, UNKNOWN, OrderRequest, OrderResult, Plugin
+
+log = logging.getLogger("fksroute.dispatch")
+
+Lane = tuple[str, str, str]
+LOOKUP_TIMEOUT = 10.0
+FOLLOW_FOR = 24 * 3600.0  # how long a placed order is followed for its fill
+FOLLOW_MAX_INTERVAL = 30.0
+
+
+def client_order_id(alert_id: str, route: str, position: int) -> str:
+    """Derived from the alert and route: the same on every retry and after a restart."""
+    digest = hashlib.sha256(f"{alert_id}:{route}:{position}".encode()).hexdigest()
+    return f"fks{digest[:29]}"
+
+
+def lane_of(request: OrderRequest) -> Lane:
+    order = request.order
+    return request.plugin, str(order.get("account") or ""), str(order.get("symbol") or "")
+
+
+class Dispatcher:
+    """Runs orders: one after another within a lane, lanes side by side."""
+
+    def __init__(self, journal: Journal, metrics: Metrics, redact: Callable[[str], str] = lambda s: s,
+                 follow_interval: float = 1.0) -> None:
+        self.journal = journal
+        self.metrics = metrics
+        self.redact = redact
+        self.follow_interval = follow_interval
+        self._tails: dict[Lane, asyncio.Task] = {}
+        self._busy: dict[int, int] = {}  # id(plugin) -> orders in flight
+        self._idle: dict[int, asyncio.Event] = {}
+        self._background: set[asyncio.Task] = set()
+
+    def submit(self, request: OrderRequest, plugin: Plugin | None, committed: Awaitable[Any]) -> asyncio.Task:
+        """Queue `request` behind its lane's last order. Call in arrival order, without awaiting between."""
+        return self._enqueue(request, plugin, committed, reconcile=False)
+
+    def _enqueue(self, request: OrderRequest, plugin: Plugin | None, committed: Awaitable[Any],
+                 reconcile: bool) -> asyncio.Task:
+        lane = lane_of(request)
+        previous = self._tails.get(lane)
+        self._hold(plugin)
+        task = asyncio.ensure_future(self._run(request, plugin, previous, committed, reconcile))
+        self._tails[lane] = task
+
+        def done(t: asyncio.Task) -> None:
+            if self._tails.get(lane) is t:
+                del self._tails[lane]
+            self._release(plugin)
+
+        task.add_done_callback(done)
+        return task
+
+    async def _run(self, request: OrderRequest, plugin: Plugin | None, previous: asyncio.Task | None,
+                   committed: Awaitable[Any], reconcile: bool) -> OrderResult:
+        if previous is not None:
+            await asyncio.wait([previous])  # its failure is its own; order is all we keep
+        await committed  # JournalError here: the alert was never accepted, nothing is sent
+        if plugin is None:
+            result = OrderResult(FAILED, error=f"plugin {request.plugin!r} is not configured")
+        elif reconcile:
+            result = await self._reconcile(request, plugin)
+        else:
+            await self._retry_journal(lambda: self.journal.mark_sent(request.client_order_id))
+            result = await self._execute(request, plugin)
+        await self._retry_journal(lambda: self.journal.record_result(request.client_order_id, result))
+        self.metrics.orders.labels(request.plugin, result.status).inc()
+        log.info("order %s route=%s plugin=%s symbol=%s: %s%s", request.client_order_id, request.route,
+                 request.plugin, request.order.get("symbol"), result.status,
+                 f" ({result.error})" if result.error else "")
+        if result.status == PLACED and plugin is not None:
+            self.follow(request, plugin)
+        return result
+
+    async def _execute(self, request: OrderRequest, plugin: Plugin) -> OrderResult:
+        try:
+            return await plugin.execute(request)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a plugin bug must not lose the order's record
+            log.exception("plugin %s raised on order %s", request.plugin, request.client_order_id)
+            return OrderResult(FAILED, error=self.redact(f"{request.plugin}: {type(exc).__name__}: {exc}"))
+
+    async def _reconcile(self, request: OrderRequest, plugin: Plugin) -> OrderResult:
+        """An order sent before a crash: ask the venue by client order id; never send again."""
+        try:
+            found = await asyncio.wait_for(plugin.lookup(request), LOOKUP_TIMEOUT)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("lookup of %s failed: %s", request.client_order_id, self.redact(str(exc)))
+            found = None
+        if found is None:
+            return OrderResult(UNKNOWN, error="outcome unknown: sent before a restart and not found at the venue; "
+                                              "check the venue before resending")
+        return found
+
+    async def _retry_journal(self, write: Callable[[], Awaitable[Any]]) -> None:
+        """A journal write after acceptance must land: the order is ours to finish."""
+        delay = 0.05
+        while True:
+            try:
+                await write()
+                return
+            except JournalError as exc:
+                log.error("journal write failed, retrying in %.1fs: %s", delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    # --- placed orders: follow until final ----------------------------------------------------
+
+    def follow(self, request: OrderRequest, plugin: Plugin) -> None:
+        task = asyncio.ensure_future(self._follow(request, plugin))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _follow(self, request: OrderRequest, plugin: Plugin) -> None:
+        loop = asyncio.get_running_loop()
+        until = loop.time() + FOLLOW_FOR
+        interval = self.follow_interval
+        while loop.time() < until:
+            await asyncio.sleep(interval)
+            interval = min(interval * 1.5, FOLLOW_MAX_INTERVAL)
+            try:
+                found = await asyncio.wait_for(plugin.lookup(request), LOOKUP_TIMEOUT)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("follow-up of %s: %s", request.client_order_id, self.redact(str(exc)))
+                continue
+            if found is not None and found.status != PLACED:
+                await self._retry_journal(lambda: self.journal.record_result(request.client_order_id, found))
+                self.metrics.orders.labels(request.plugin, found.status).inc()
+                log.info("order %s is now %s", request.client_order_id, found.status)
+                return
+
+    # --- after a restart ----------------------------------------------------------------------
+
+    async def recover(self, rows: list[OrderRow], plugin_for: Callable[[str], Plugin | None]) -> int:
+        """Resume what the journal left unfinished, in arrival order: pending orders run once,
+        sent ones are reconciled, open ones are followed again. Returns how many were resumed."""
+        done: asyncio.Future = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        for row in rows:
+            request = OrderRequest(row.client_order_id, row.alert_id, row.route or "", row.plugin or "",
+                                   row.request or {})
+            plugin = plugin_for(row.plugin or "")
+            if row.state == PENDING:
+                self._enqueue(request, plugin, done, reconcile=False)
+            elif row.state == SENT:
+                self._enqueue(request, plugin, done, reconcile=True)
+            elif row.state == OPEN and plugin is not None:
+                self.follow(request, plugin)
+        if rows:
+            log.info("recovered %d unfinished orders from the journal", len(rows))
+        return len(rows)
+
+    # --- plugin lifetimes ---------------------------------------------------------------------
+
+    def _hold(self, plugin: Plugin | None) -> None:
+        if plugin is not None:
+            self._busy[id(plugin)] = self._busy.get(id(plugin), 0) + 1
+
+    def _release(self, plugin: Plugin | None) -> None:
+        if plugin is None:
+            return
+        key = id(plugin)
+        self._busy[key] -= 1
+        if self._busy[key] == 0:
+            del self._busy[key]
+            event = self._idle.pop(key, None)
+            if event is not None:
+                event.set()
+
+    async def wait_idle(self, plugin: Plugin, timeout: float | None = None) -> None:
+        """Wait until no order of `plugin` is in flight (before closing a removed plugin)."""
+        if id(plugin) not in self._busy:
+            return
+        event = self._idle.setdefault(id(plugin), asyncio.Event())
+        await asyncio.wait_for(event.wait(), timeout)
+
+    async def drain(self, timeout: float) -> bool:
+        """Let in-flight orders finish (bounded); True when all did."""
+        pending = [t for t in self._tails.values() if not t.done()]
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=timeout)
+            if still:
+                return False
+        return True
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+
+    def in_flight(self) -> int:
+        return sum(self._busy.values())
+
+
+def result_entry(route: str, plugin: str | None, result: OrderResult | None, status: str | None = None,
+                 order: Mapping[str, Any] | None = None, error: str | None = None,
+                 client_order_id: str | None = None) -> dict[str, Any]:
+    """One element of a webhook reply's `results`."""
+    entry: dict[str, Any] = {
+        "route": route, "plugin": plugin,
+        "status": status or (result.status if result else None),
+        "order_id": result.order_id if result else None,
+        "error": error if error is not None else (result.error if result else None),
+    }
+    if client_order_id:
+        entry["client_order_id"] = client_order_id
+    if result is not None and result.filled_quantity is not None:
+        entry["filled_quantity"] = result.filled_quantity
+    if result is not None and result.average_price is not None:
+        entry["average_price"] = result.average_price
+    if order is not None:
+        entry["order"] = dict(order)
+    if result is not None and result.detail:
+        entry["detail"] = dict(result.detail)
+    return entry

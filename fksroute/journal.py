@@ -1,0 +1,345 @@
+"""The journal: every alert and what became of it, in SQLite, on disk before any answer.
+
+One writer thread owns the connection. Writes queue up and are committed in groups, so
+many concurrent alerts share one fsync (WAL, synchronous=FULL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import secrets
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+from fksroute.plugins.base import OrderResult
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS alerts (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    received_at REAL NOT NULL,
+    source TEXT,
+    body TEXT,
+    outcome TEXT NOT NULL,
+    reason TEXT,
+    http_status INTEGER,
+    dedup_key TEXT,
+    duplicate_of TEXT,
+    reply TEXT,
+    config_version TEXT
+);
+CREATE INDEX IF NOT EXISTS alerts_dedup ON alerts (dedup_key, received_at);
+CREATE TABLE IF NOT EXISTS orders (
+    client_order_id TEXT PRIMARY KEY,
+    alert_id TEXT NOT NULL REFERENCES alerts (id),
+    position INTEGER NOT NULL,
+    route TEXT,
+    plugin TEXT,
+    request TEXT,
+    state TEXT NOT NULL,
+    status TEXT,
+    order_id TEXT,
+    error TEXT,
+    filled_quantity REAL,
+    average_price REAL,
+    detail TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS orders_state ON orders (state);
+CREATE INDEX IF NOT EXISTS orders_alert ON orders (alert_id);
+"""
+
+# Order states: the line between `pending` and `sent` is what makes recovery exactly-once.
+PENDING = "pending"  # journaled, never handed to the plugin: safe to execute after a crash
+SENT = "sent"        # handed to the plugin, outcome not yet known: reconcile, never resend blindly
+DONE = "done"        # final, or `placed` and followed until final
+OPEN = "open"        # placed at the venue, not yet filled: followed through the plugin's lookup
+
+
+class JournalError(RuntimeError):
+    """The journal cannot write: nothing may be executed or acknowledged."""
+
+
+def new_alert_id() -> str:
+    """Time-ordered and unique: milliseconds then random bits, 24 hex characters."""
+    return f"{int(time.time() * 1000):012x}{secrets.token_hex(6)}"
+
+
+@dataclass(frozen=True)
+class OrderRow:
+    client_order_id: str
+    alert_id: str
+    position: int
+    route: str | None
+    plugin: str | None
+    request: Mapping[str, Any] | None
+    state: str
+    status: str | None
+
+
+@dataclass
+class _Op:
+    run: Callable[[sqlite3.Connection], Any]
+    future: asyncio.Future | None
+    loop: asyncio.AbstractEventLoop | None
+
+
+class Journal:
+    """Owns the SQLite file. All methods are safe to call from the event loop."""
+
+    def __init__(self, path: Path, busy_timeout: float = 1.0) -> None:
+        self.path = Path(path)
+        self.busy_timeout = busy_timeout
+        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._conn: sqlite3.Connection | None = None
+        self.healthy = True
+        self.last_error: str | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Open (creating if needed) the file; raises JournalError when it cannot."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                   timeout=self.busy_timeout)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            raise JournalError(f"cannot open the journal {self.path}: {exc}") from None
+        self._conn = conn
+        self._thread = threading.Thread(target=self._run, name="fksroute-journal", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Write what is queued, then close the file cleanly (checkpointing the WAL)."""
+        if self._thread is None:
+            return
+        self._queue.put(None)
+        self._thread.join()
+        self._thread = None
+        if self._conn is not None:
+            try:
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:
+                pass
+            self._conn.close()
+            self._conn = None
+
+    # --- the writer -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        assert self._conn is not None
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            batch: list[_Op] = []
+            if first is None:
+                stopping = True
+            else:
+                batch.append(first)
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                else:
+                    batch.append(item)
+            if batch:
+                self._commit(batch)
+
+    def _commit(self, batch: list[_Op]) -> None:
+        conn = self._conn
+        assert conn is not None
+        outcomes: list[tuple[bool, Any]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for i, op in enumerate(batch):
+                conn.execute(f"SAVEPOINT op{i}")
+                try:
+                    outcomes.append((True, op.run(conn)))
+                    conn.execute(f"RELEASE op{i}")
+                except sqlite3.IntegrityError as exc:
+                    conn.execute(f"ROLLBACK TO op{i}")
+                    conn.execute(f"RELEASE op{i}")
+                    outcomes.append((False, JournalError(f"journal: {exc}")))
+            conn.execute("COMMIT")
+            self.healthy, self.last_error = True, None
+        except sqlite3.Error as exc:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            self.healthy, self.last_error = False, str(exc)
+            failure = JournalError(f"the journal cannot write: {exc}")
+            outcomes = [(False, failure)] * len(batch)
+        for op, (ok, value) in zip(batch, outcomes):
+            if op.future is not None and op.loop is not None:
+                op.loop.call_soon_threadsafe(_settle, op.future, ok, value)
+
+    def _submit(self, run: Callable[[sqlite3.Connection], Any], wait: bool = True) -> asyncio.Future | None:
+        """Queue a write; the returned future resolves once it is committed (fsynced)."""
+        if self._thread is None:
+            raise JournalError("the journal is closed")
+        if not wait:
+            self._queue.put(_Op(run, None, None))
+            return None
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.put(_Op(run, future, loop))
+        return future
+
+    def run(self, run: Callable[[sqlite3.Connection], Any]) -> asyncio.Future:
+        future = self._submit(run)
+        assert future is not None
+        return future
+
+    # --- writes ---------------------------------------------------------------------------
+
+    def record_alert(self, alert_id: str, *, source: str | None, body: str | None, outcome: str,
+                     reason: str | None = None, http_status: int | None = None, dedup_key: str | None = None,
+                     duplicate_of: str | None = None, config_version: str | None = None,
+                     orders: Iterable[tuple[str, str | None, str | None, Mapping[str, Any] | None, str, str | None]] = (),
+                     reply: Mapping[str, Any] | None = None, wait: bool = True) -> asyncio.Future | None:
+        """The alert and its planned orders, in one transaction.
+
+        Each order is (client_order_id, route, plugin, request, state, status).
+        """
+        now = time.time()
+        order_rows = list(orders)
+        reply_text = json.dumps(reply) if reply is not None else None
+
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO alerts (id, received_at, source, body, outcome, reason, http_status, dedup_key,"
+                " duplicate_of, reply, config_version) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (alert_id, now, source, body, outcome, reason, http_status, dedup_key, duplicate_of,
+                 reply_text, config_version))
+            conn.executemany(
+                "INSERT INTO orders (client_order_id, alert_id, position, route, plugin, request, state, status,"
+                " created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                [(coid, alert_id, i, route, plugin, json.dumps(request) if request is not None else None,
+                  state, status, now, now) for i, (coid, route, plugin, request, state, status) in enumerate(order_rows)])
+
+        return self._submit(run, wait)
+
+    def finish_alert(self, alert_id: str, http_status: int, reply: Mapping[str, Any], outcome: str | None = None,
+                     wait: bool = True) -> asyncio.Future | None:
+        text = json.dumps(reply)
+
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE alerts SET http_status = ?, reply = ?, outcome = COALESCE(?, outcome) WHERE id = ?",
+                         (http_status, text, outcome, alert_id))
+
+        return self._submit(run, wait)
+
+    def mark_sent(self, client_order_id: str) -> asyncio.Future:
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE orders SET state = ?, updated_at = ? WHERE client_order_id = ?",
+                         (SENT, time.time(), client_order_id))
+
+        return self.run(run)
+
+    def record_result(self, client_order_id: str, result: OrderResult) -> asyncio.Future:
+        state = OPEN if result.status == "placed" else DONE
+
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE orders SET state = ?, status = ?, order_id = ?, error = ?, filled_quantity = ?,"
+                " average_price = ?, detail = ?, updated_at = ? WHERE client_order_id = ?",
+                (state, result.status, result.order_id, result.error, result.filled_quantity,
+                 result.average_price, json.dumps(dict(result.detail), default=str), time.time(), client_order_id))
+
+        return self.run(run)
+
+    # --- reads (run on the writer thread, so they see every committed write) -------------------
+
+    def unfinished(self) -> asyncio.Future:
+        """Orders journaled but not final, in arrival order: pending, sent and open."""
+        def run(conn: sqlite3.Connection) -> list[OrderRow]:
+            rows = conn.execute(
+                "SELECT o.client_order_id, o.alert_id, o.position, o.route, o.plugin, o.request, o.state, o.status"
+                " FROM orders o JOIN alerts a ON a.id = o.alert_id WHERE o.state IN (?, ?, ?)"
+                " ORDER BY a.seq, o.position", (PENDING, SENT, OPEN)).fetchall()
+            return [OrderRow(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]) if r[5] else None, r[6], r[7])
+                    for r in rows]
+
+        return self.run(run)
+
+    def dedup_entries(self, since: float) -> asyncio.Future:
+        """(dedup_key, alert id, received_at, reply) of accepted alerts since `since`."""
+        def run(conn: sqlite3.Connection) -> list[tuple[str, str, float, dict | None]]:
+            rows = conn.execute(
+                "SELECT dedup_key, id, received_at, reply FROM alerts WHERE dedup_key IS NOT NULL"
+                " AND duplicate_of IS NULL AND outcome = 'accepted' AND received_at >= ? ORDER BY seq",
+                (since,)).fetchall()
+            return [(r[0], r[1], r[2], json.loads(r[3]) if r[3] else None) for r in rows]
+
+        return self.run(run)
+
+    def order_results(self, alert_id: str) -> asyncio.Future:
+        def run(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            return [_order_dict(r) for r in conn.execute(_ORDER_SELECT + " WHERE alert_id = ? ORDER BY position",
+                                                         (alert_id,))]
+
+        return self.run(run)
+
+    def count_unknown(self) -> asyncio.Future:
+        def run(conn: sqlite3.Connection) -> int:
+            return conn.execute("SELECT COUNT(*) FROM orders WHERE status = 'unknown'").fetchone()[0]
+
+        return self.run(run)
+
+
+_ORDER_SELECT = ("SELECT client_order_id, alert_id, route, plugin, request, state, status, order_id, error,"
+                 " filled_quantity, average_price, detail, updated_at FROM orders")
+
+
+def _order_dict(row: tuple) -> dict[str, Any]:
+    keys = ("client_order_id", "alert_id", "route", "plugin", "order", "state", "status", "order_id", "error",
+            "filled_quantity", "average_price", "detail", "updated_at")
+    out = dict(zip(keys, row))
+    for key in ("order", "detail"):
+        out[key] = json.loads(out[key]) if out[key] else None
+    return out
+
+
+def _settle(future: asyncio.Future, ok: bool, value: Any) -> None:
+    if future.done():
+        return
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)
+
+
+def read_recent(path: Path, limit: int = 20, alert_id: str | None = None) -> list[dict[str, Any]]:
+    """Recent alerts with their orders, newest first, read-only (for `fksroute journal`)."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    try:
+        where, args = ("WHERE id = ?", (alert_id,)) if alert_id else ("", ())
+        alerts = conn.execute(
+            "SELECT id, received_at, source, body, outcome, reason, http_status, dedup_key, duplicate_of, reply,"
+            f" config_version FROM alerts {where} ORDER BY seq DESC LIMIT ?", (*args, limit)).fetchall()
+        out = []
+        for row in alerts:
+            entry = dict(zip(("id", "received_at", "source", "body", "outcome", "reason", "http_status",
+                              "dedup_key", "duplicate_of", "reply", "config_version"), row))
+            entry["reply"] = json.loads(entry["reply"]) if entry["reply"] else None
+            entry["orders"] = [_order_dict(r) for r in conn.execute(
+                _ORDER_SELECT + " WHERE alert_id = ? ORDER BY position", (row[0],))]
+            out.append(entry)
+        return out
+    finally:
+        conn.close()

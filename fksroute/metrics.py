@@ -1,0 +1,42 @@
+"""Every metric fksroute exports, defined in one place with fixed label sets."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+# Alert outcomes (fixed set): accepted, duplicate, skipped, and rejected_<reason>.
+REJECT_REASONS = ("auth", "address", "rate", "too_large", "invalid", "unmatched", "schema", "template",
+                  "limits", "journal", "not_ready")
+
+
+class Metrics:
+    """One registry per daemon, so that tests can run several side by side."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.alerts = Counter("fksroute_alerts_received_total", "Alerts received, by outcome", ["outcome"], registry=r)
+        self.route_matches = Counter("fksroute_route_matches_total", "Alerts matched, by route", ["route"], registry=r)
+        self.orders = Counter("fksroute_orders_total", "Orders by plugin and result status", ["plugin", "status"],
+                              registry=r)
+        self.latency = Histogram("fksroute_webhook_latency_seconds", "Time from request to answer",
+                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+                                 registry=r)
+        self.plugin_up = Gauge("fksroute_plugin_up", "1 when the plugin reports itself healthy", ["plugin"], registry=r)
+        self.unknown_orders = Gauge("fksroute_orders_unknown", "Orders whose outcome is unknown after a restart",
+                                    registry=r)
+        self.reload_ok = Gauge("fksroute_config_last_reload_successful",
+                               "1 when the last reload succeeded", registry=r)
+        self.reload_time = Gauge("fksroute_config_last_reload_success_timestamp_seconds",
+                                 "When the last successful reload happened", registry=r)
+        self.config_hash = Gauge("fksroute_config_hash", "Hash of the table in force, as a number", registry=r)
+        self.config_info = Gauge("fksroute_config_info", "The table in force", ["version", "generation"], registry=r)
+        self.reloads = Counter("fksroute_config_reloads_total", "Reloads, by trigger and result",
+                               ["trigger", "result"], registry=r)
+
+    def alert(self, outcome: str) -> None:
+        self.alerts.labels(outcome).inc()
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,270 @@
+"""One alert, from raw bytes to the reply: door, parse, plan, journal, dispatch. No HTTP here."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping
+
+from fksroute import security
+from fksroute.dispatch import client_order_id, result_entry
+from fksroute.journal import DONE, PENDING, JournalError, new_alert_id
+from fksroute.plan import READY, Plan, body_key, plan_alert
+from fksroute.plugins.base import SUCCESS_STATUSES, OrderRequest
+
+if TYPE_CHECKING:
+    from fksroute.daemon import Daemon
+
+log = logging.getLogger("fksroute.webhook")
+ANSWER_WITHIN = 2.5  # TradingView gives up after 3 s; what is not done by then is answered `queued`
+MAX_DEPTH = 32
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    body: Mapping[str, Any]
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+class BadAlert(ValueError):
+    pass
+
+
+def reply_body(alert_id: str | None, results: list[dict[str, Any]], error: str | None = None,
+               duplicate: bool = False) -> dict[str, Any]:
+    """The contract's reply: success, order_id, error, alert_id, duplicate, results."""
+    failed = [r for r in results if r.get("status") not in SUCCESS_STATUSES]
+    if error is None and failed:
+        error = failed[0].get("error") or f"route {failed[0].get('route')}: {failed[0].get('status')}"
+    order_id = next((r["order_id"] for r in results if r.get("order_id")), None)
+    return {"success": error is None, "order_id": order_id, "error": error, "alert_id": alert_id,
+            "duplicate": duplicate, "results": results}
+
+
+def _depth_ok(value: Any) -> bool:
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return False
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return True
+
+
+def _no_constants(name: str) -> Any:
+    raise BadAlert(f"invalid JSON: {name} is not a number")
+
+
+def parse_alert(body: bytes, content_type: str | None) -> dict[str, Any]:
+    """JSON text becomes the alert; plain text becomes {"message": TEXT}."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadAlert("Unparsable body: not UTF-8 text") from None
+    if not text.strip():
+        raise BadAlert("Unparsable body: empty")
+    says_json = (content_type or "").split(";")[0].strip().lower() == "application/json"
+    try:
+        value = json.loads(text, parse_constant=_no_constants)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        if says_json:
+            raise BadAlert(f"Unparsable body: invalid JSON: {exc}") from None
+        return {"message": text}
+    if isinstance(value, dict):
+        if not _depth_ok(value):
+            raise BadAlert(f"Unparsable body: nested deeper than {MAX_DEPTH} levels")
+        return value
+    if says_json:
+        raise BadAlert("Unparsable body: a JSON alert must be an object")
+    return {"message": text}
+
+
+class WebhookHandler:
+    """Handles alerts for a daemon; HTTP-agnostic so that it can be driven by any front end."""
+
+    def __init__(self, daemon: "Daemon") -> None:
+        self.daemon = daemon
+
+    def _journal_rejection(self, source: str | None, body: str | None, reason: str, status: int,
+                           reply: Mapping[str, Any]) -> asyncio.Future | None:
+        """Record a refused request; the caller decides whether to wait for the disk."""
+        self.daemon.metrics.alert(f"rejected_{reason}")
+        try:
+            return self.daemon.journal.record_alert(
+                new_alert_id(), source=source, body=body, outcome="rejected", reason=reason,
+                http_status=status, reply=reply, config_version=self.daemon.version,
+                wait=reason not in ("address", "rate", "too_large", "auth"))
+        except JournalError:
+            return None
+
+    def _refuse(self, status: int, message: str, reason: str, source: str | None, body: str | None = None,
+                headers: Mapping[str, str] | None = None) -> Reply:
+        reply = reply_body(None, [], error=message)
+        self._journal_rejection(source, body, reason, status, reply)
+        log.info("refused from %s: %s %s", source, status, message)
+        return Reply(status, reply, headers or {})
+
+    def admit(self, peer: str | None, headers: Mapping[str, str]) -> tuple[str | None, Reply | None]:
+        """Before the body is read: readiness, address and rate. Returns the client address."""
+        daemon = self.daemon
+        if not daemon.ready or daemon.deployment is None:
+            daemon.metrics.alert("rejected_not_ready")
+            return None, Reply(503, reply_body(None, [], error="fksroute is not ready"), {"Retry-After": "5"})
+        settings = daemon.deployment.table.security
+        source = security.client_address(peer, headers.get("x-forwarded-for"), settings.trusted_proxies)
+        if not security.address_allowed(source, settings.allow_ips):
+            return source, self._refuse(403, f"Forbidden: address {source} is not allowed", "address", source)
+        if daemon.rate_limiter is not None:
+            wait = daemon.rate_limiter.take(source or "?")
+            if wait > 0:
+                return source, self._refuse(429, "Too many requests", "rate", source,
+                                            headers={"Retry-After": str(max(1, math.ceil(wait)))})
+        return source, None
+
+    def too_large(self, source: str | None, limit: int) -> Reply:
+        return self._refuse(413, f"Body larger than {limit} bytes", "too_large", source)
+
+    async def handle(self, body: bytes, headers: Mapping[str, str], source: str | None,
+                     path_token: str | None = None) -> Reply:
+        """The alert in `body`, from `source`, already admitted."""
+        deployment = self.daemon.deployment
+        assert deployment is not None
+        table = deployment.table
+        settings = table.security
+        try:
+            alert = parse_alert(body, headers.get("content-type"))
+        except BadAlert as exc:
+            if settings.secret and not security.authenticate(
+                    body, security.Credentials(headers.get(security.SIGNATURE_HEADER), None, path_token),
+                    settings.secret, settings.path_token):
+                return self._refuse(401, "Unauthorized: missing or wrong secret", "auth", source)
+            return await self._reject(source, None, 400, str(exc), "invalid")
+        offered = security.Credentials(headers.get(security.SIGNATURE_HEADER), alert.get(security.PASSPHRASE),
+                                       path_token)
+        alert = security.strip_secret(alert)
+        stored = json.dumps(alert, separators=(",", ":"), default=str)
+        if not security.authenticate(body, offered, settings.secret, settings.path_token):
+            return self._refuse(401, "Unauthorized: missing or wrong secret", "auth", source, stored)
+        try:
+            plan = plan_alert(table, alert, markets=deployment.markets)
+        except Exception:  # a bug in planning must not become a 5xx that TradingView retries
+            log.exception("planning failed for an alert from %s", source)
+            return await self._reject(source, stored, 422, "The alert could not be planned", "invalid")
+        for order in plan.orders:
+            self.daemon.metrics.route_matches.labels(order.route).inc()
+        if plan.rejection is not None:
+            r = plan.rejection
+            return await self._reject(source, stored, r.status, r.error, r.reason)
+        return await self._accept(alert, stored, plan, source, deployment)
+
+    async def _reject(self, source: str | None, stored: str | None, status: int, error: str, reason: str) -> Reply:
+        reply = reply_body(None, [], error=error)
+        waiter = self._journal_rejection(source, stored, reason, status, reply)
+        try:
+            if waiter is not None:
+                await waiter
+        except JournalError as exc:
+            log.error("journal: %s", exc)
+        log.info("rejected alert from %s: %s %s", source, status, error)
+        return Reply(status, reply)
+
+    async def _accept(self, alert: Mapping[str, Any], stored: str, plan: Plan, source: str | None,
+                      deployment: Any) -> Reply:
+        daemon = self.daemon
+        key = plan.dedup_key if plan.dedup_key is not None else body_key(alert)
+        seen = daemon.dedup.get(key)
+        if seen is not None:
+            return await self._duplicate(seen, key, stored, source)
+
+        alert_id = new_alert_id()
+        requests: list[tuple[int, OrderRequest | None]] = []
+        rows = []
+        for position, planned in enumerate(plan.orders):
+            coid = planned.order.get("client_order_id") if planned.order else None
+            coid = str(coid) if coid else client_order_id(alert_id, planned.route, position)
+            if planned.status == READY:
+                request = OrderRequest(coid, alert_id, planned.route, planned.plugin or "", planned.order or {})
+                requests.append((position, request))
+                rows.append((coid, planned.route, planned.plugin, planned.order, PENDING, None))
+            else:
+                requests.append((position, None))
+                rows.append((coid, planned.route, planned.plugin, planned.order, DONE, planned.status))
+        try:
+            committed = daemon.journal.record_alert(
+                alert_id, source=source, body=stored, outcome="accepted", dedup_key=key,
+                config_version=deployment.table.version, orders=rows)
+        except JournalError as exc:
+            return self._journal_down(exc)
+        reply_future: asyncio.Future = asyncio.get_running_loop().create_future()
+        daemon.dedup.add(key, alert_id, plan.dedup_window.total_seconds(), reply_future)
+        # Lanes are taken now, before any await, so arrival order is execution order.
+        tasks = {pos: daemon.dispatcher.submit(req, deployment.plugins.get(req.plugin), committed)
+                 for pos, req in requests if req is not None}
+        try:
+            await committed
+        except JournalError as exc:
+            daemon.dedup.forget(key, alert_id)
+            for task in tasks.values():
+                task.add_done_callback(lambda t: t.exception())
+            reply = self._journal_down(exc)
+            reply_future.set_result((reply.status, reply.body))
+            return reply
+
+        asynchronous = plan.ack == "async"
+        if tasks and not asynchronous:
+            await asyncio.wait(tasks.values(), timeout=ANSWER_WITHIN)
+        results = []
+        for position, planned in enumerate(plan.orders):
+            task = tasks.get(position)
+            coid = rows[position][0]
+            if task is None:
+                results.append(result_entry(planned.route, planned.plugin, None, status=planned.status,
+                                            order=planned.order, client_order_id=coid)
+                               | {"reason": planned.reason})
+            elif task.done() and not task.cancelled() and task.exception() is None:
+                results.append(result_entry(planned.route, planned.plugin, task.result(), order=planned.order,
+                                            client_order_id=coid))
+            else:
+                results.append(result_entry(planned.route, planned.plugin, None, status="queued",
+                                            order=planned.order, client_order_id=coid))
+        body = reply_body(alert_id, results)
+        status = 202 if asynchronous and tasks else 200
+        outcome = "accepted" if tasks else "skipped"
+        daemon.metrics.alert(outcome)
+        daemon.journal.finish_alert(alert_id, status, body, outcome, wait=False)
+        reply_future.set_result((status, body))
+        log.info("alert %s from %s: %s routes=%s %s", alert_id, source, status, plan.routes,
+                 [r["status"] for r in results])
+        return Reply(status, body)
+
+    async def _duplicate(self, seen: Any, key: str, stored: str, source: str | None) -> Reply:
+        daemon = self.daemon
+        try:
+            status, first = await asyncio.wait_for(asyncio.shield(seen.reply), ANSWER_WITHIN)
+        except asyncio.TimeoutError:
+            status, first = 202, reply_body(seen.alert_id, [], error=None)
+        body = dict(first) | {"duplicate": True, "alert_id": seen.alert_id}
+        daemon.metrics.alert("duplicate")
+        try:
+            await daemon.journal.record_alert(new_alert_id(), source=source, body=stored, outcome="duplicate",
+                                              reason="duplicate", http_status=status, dedup_key=key,
+                                              duplicate_of=seen.alert_id, reply=body,
+                                              config_version=daemon.version)
+        except JournalError as exc:
+            log.error("journal: %s", exc)
+        log.info("duplicate of alert %s from %s", seen.alert_id, source)
+        return Reply(status, body)
+
+    def _journal_down(self, exc: Exception) -> Reply:
+        log.error("alert refused, the journal cannot write: %s", exc)
+        self.daemon.metrics.alert("rejected_journal")
+        return Reply(503, reply_body(None, [], error="The journal cannot write; the alert was not accepted"),
+                     {"Retry-After": "5"})
