@@ -1,10 +1,13 @@
 -- wrk script: POST the seed-buy-market alert, a distinct "id" per request so that the
 -- daemon's 60 s de-duplication never short-cuts execution, and print the figures as JSON.
--- Usage: wrk -s post.lua URL -- RUN_TAG   (the tag keeps ids distinct across runs)
+-- Usage: wrk -s post.lua URL -- RUN_TAG [SYMBOLS]
+--   RUN_TAG keeps ids distinct across runs; SYMBOLS > 1 spreads alerts over that many symbols
+--   (S0/USDT, S1/USDT, ...), since alerts for one symbol execute one after another.
 
 local threads = {}
 local counter = 0
 local tag = "run"
+local symbols = 1
 duplicates = 0   -- globals, so that done() can read them from each thread
 unsuccessful = 0
 
@@ -15,15 +18,17 @@ end
 
 function init(args)
   tag = args[1] or tag
+  symbols = tonumber(args[2]) or symbols
   wrk.method = "POST"
   wrk.headers["Content-Type"] = "application/json"
 end
 
 function request()
   counter = counter + 1
+  local symbol = symbols > 1 and string.format("S%d/USDT", counter % symbols) or "BTC/USDT"
   local body = string.format(
-    '{"symbol": "BTC/USDT", "action": "buy", "order_type": "market", "quantity": 0.01, '
-    .. '"confidence": 0.85, "id": "%s-%d-%d"}', tag, thread_no, counter)
+    '{"symbol": "%s", "action": "buy", "order_type": "market", "quantity": 0.01, '
+    .. '"confidence": 0.85, "id": "%s-%d-%d"}', symbol, tag, thread_no, counter)
   return wrk.format(nil, nil, nil, body)
 end
 

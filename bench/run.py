@@ -105,11 +105,11 @@ def request(port: int, method: str, path: str, body: dict | None = None) -> tupl
         conn.close()
 
 
-def run_wrk(target: str, port: int, connections: int, duration: int) -> Result:
+def run_wrk(target: str, port: int, connections: int, duration: int, symbols: int = 1) -> Result:
     """Drive one server with wrk (one thread, so wrk keeps to one core) and parse post.lua's line."""
     tag = f"{target}-{connections}-{time.time_ns()}"
     argv = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(BENCH / "post.lua"),
-            f"http://127.0.0.1:{port}{WEBHOOK}", "--", tag]
+            f"http://127.0.0.1:{port}{WEBHOOK}", "--", tag, str(symbols)]
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
     line = next((l for l in out.splitlines() if l.startswith("WRK_RESULT ")), None)
     if line is None:
@@ -150,6 +150,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run (default 5)")
     parser.add_argument("--connections", default="1,32", help="comma-separated connection counts (default 1,32)")
+    parser.add_argument("--symbols", type=int, default=1,
+                        help="spread alerts over this many symbols (default 1: the seed alert's BTC/USDT); "
+                             "alerts for one symbol execute in order, one at a time")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (journal, logs)")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -173,11 +176,12 @@ def main() -> int:
                       bare_port, workdir, workdir / "bare.log")
         bare.wait_until("/-/ready")
         check_alert_is_executed(daemon_port)
-        print(f"wrk: {args.duration}s per run, connections {connections}; work dir {workdir}", flush=True)
+        print(f"wrk: {args.duration}s per run, connections {connections}, {args.symbols} symbol(s); "
+              f"work dir {workdir}", flush=True)
         results = []
         for conns in connections:
             for server in (bare, daemon):
-                results.append(run_wrk(server.name, server.port, conns, args.duration))
+                results.append(run_wrk(server.name, server.port, conns, args.duration, args.symbols))
         rss = daemon.memory_mb()
     finally:
         daemon.stop()

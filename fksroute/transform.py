@@ -9,7 +9,7 @@ from itertools import chain, islice
 from typing import Any, Collection, Iterable, Mapping
 
 import jinja2
-from jinja2.nativetypes import NativeEnvironment
+from jinja2.nativetypes import NativeEnvironment, NativeTemplate
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 
@@ -27,6 +27,8 @@ def _native_concat(values: Iterable[Any]) -> Any:
     if not head:
         return None
     if len(head) == 1:
+        if isinstance(head[0], jinja2.Undefined):
+            str(head[0])  # a strict or unsafe undefined raises here, naming what was missing
         return head[0]
     return "".join(str(v) for v in chain(head, values))
 
@@ -35,6 +37,14 @@ class SandboxedNativeEnvironment(NativeEnvironment, ImmutableSandboxedEnvironmen
     """Jinja's sandbox (no Python internals, no mutation) with native result types."""
 
     concat = staticmethod(_native_concat)  # type: ignore[assignment]
+
+
+class _Template(NativeTemplate):
+    # NativeTemplate calls `environment_class.concat`: point it at ours, not Jinja's literal_eval.
+    environment_class = SandboxedNativeEnvironment
+
+
+SandboxedNativeEnvironment.template_class = _Template
 
 
 @jinja2.pass_context

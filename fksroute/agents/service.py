@@ -12,7 +12,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Protocol
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import rpyc
 from rpyc.utils.authenticators import AuthenticationError, SSLAuthenticator
@@ -113,6 +113,12 @@ def _text(value: Any, name: str, limit: int = 256) -> str:
     return value
 
 
+def _order_id(value: Any) -> str:
+    if type(value) is not str or not ORDER_ID.match(value):
+        raise OrderError("order_id must be 1-64 characters of A-Z a-z 0-9 . _ : / -")
+    return value
+
+
 def _number(order: Mapping[str, Any], name: str, required: bool = False) -> float | None:
     value = order.get(name)
     if value is None:
@@ -137,9 +143,7 @@ def parse_order(text: str, backend: str) -> AgentOrder:
         raise OrderError("the order is not valid JSON") from None
     if not isinstance(payload, dict):
         raise OrderError("the order must be a JSON object")
-    order_id = payload.get("order_id")
-    if not isinstance(order_id, str) or not ORDER_ID.match(order_id):
-        raise OrderError("order_id must be 1-64 characters of A-Z a-z 0-9 . _ : / -")
+    order_id = _order_id(payload.get("order_id"))
     if payload.get("backend") not in (None, backend):
         raise OrderError(f"this agent drives {backend}, not {payload.get('backend')}")
     order = payload.get("order")
@@ -196,11 +200,11 @@ class PlacedOrders:
         result: dict[str, Any] | None = None
         remember = True
         try:
-            # Asking the terminal first covers an agent restarted since it placed this id.
-            existing = backend.order_status(order_id)
-            result = {**existing, "duplicate": True} if existing is not None else backend.place(order)
+            result = self._place_once(order, backend)
         except NotSent as exc:
             result, remember = order_result(order_id, FAILED, error=str(exc)), False
+        except OrderError as exc:
+            result = order_result(order_id, FAILED, error=str(exc))
         except Exception as exc:
             log.exception("order %s: %s backend failed", order_id, backend.name)
             result = order_result(order_id, UNKNOWN, error=f"agent error ({type(exc).__name__}); outcome unknown")
@@ -213,6 +217,19 @@ class PlacedOrders:
                         self._results.popitem(last=False)
                 self._changed.notify_all()
         return result
+
+    @staticmethod
+    def _place_once(order: AgentOrder, backend: Backend) -> dict[str, Any]:
+        # Asking the terminal first covers an agent restarted since it placed this id.
+        try:
+            existing = backend.order_status(order.order_id)
+        except OrderError:
+            raise
+        except Exception as exc:
+            raise NotSent(f"cannot check the terminal for an earlier order with this id: {exc}") from None
+        if existing is not None:
+            return {**existing, "duplicate": True}
+        return backend.place(order)
 
     def status(self, order_id: str, backend: Backend) -> dict[str, Any] | None:
         """What the terminal says about `order_id`, else what this agent answered when it placed it."""
@@ -256,13 +273,12 @@ class AgentService(rpyc.Service):
     def on_disconnect(self, conn: rpyc.Connection) -> None:
         log.info("daemon disconnected: %s", _peer(conn))
 
-    def _answer(self, what: str, call: Any) -> str:
+    def _answer(self, what: str, call: Callable[[], Any], failed: str = FAILED) -> str:
+        # `failed` is the status of an answer that could not be had: for order_status that is "unknown", not "failed".
         try:
             return json.dumps(call())
-        except OrderError as exc:
-            return json.dumps({"status": FAILED, "error": str(exc)})
-        except NotSent as exc:
-            return json.dumps({"status": FAILED, "error": str(exc)})
+        except (OrderError, NotSent) as exc:
+            return json.dumps({"status": failed, "error": str(exc)})
         except Exception as exc:
             log.exception("%s failed", what)
             return json.dumps({"status": UNKNOWN, "error": f"agent error ({type(exc).__name__})"})
@@ -292,7 +308,7 @@ class AgentService(rpyc.Service):
     def exposed_cancel(self, order_id: str) -> str:
         """Ask the terminal to cancel the order with this id."""
         def cancel() -> dict[str, Any]:
-            _text(order_id, "order_id", 64)
+            _order_id(order_id)
             log.info("cancel %s", order_id)
             return self._backend.cancel(order_id)
         return self._answer("cancel", cancel)
@@ -316,8 +332,8 @@ class AgentService(rpyc.Service):
     def exposed_order_status(self, order_id: str) -> str:
         """The order's current state, or JSON null when this agent and its terminal know nothing of it."""
         def order_status() -> dict[str, Any] | None:
-            return self._orders.status(_text(order_id, "order_id", 64), self._backend)
-        return self._answer("order_status", order_status)
+            return self._orders.status(_order_id(order_id), self._backend)
+        return self._answer("order_status", order_status, failed=UNKNOWN)
 
 
 class ClientCertAuthenticator(SSLAuthenticator):

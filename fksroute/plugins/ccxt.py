@@ -25,7 +25,6 @@ from fksroute.symbols import tv_symbol
 T = TypeVar("T")
 
 CIRCUIT_OPEN = "circuit_open"
-NOT_FOUND = "not_found"
 LINKED_ID_MAX = 32  # the shortest client order id limit among the big exchanges (OKX); Binance allows 36
 
 
@@ -269,8 +268,8 @@ def _amount(exchange: Any, market: Mapping[str, Any], quantity: float) -> float:
         return float(exchange.amount_to_precision(market["symbol"], quantity))
     except ccxt_async.BaseError:
         step = (market.get("precision") or {}).get("amount")
-        raise MarketRefusal(f"quantity {quantity} rounds to zero at the amount precision {step} of "
-                            f"{market['symbol']} (precision.amount)") from None
+        raise MarketRefusal(f"quantity {_show(quantity)} rounds to zero at the amount precision {_show(step)} "
+                            f"of {market['symbol']} (precision.amount)") from None
 
 
 def _price(exchange: Any, market: Mapping[str, Any], value: float | None, name: str) -> float:
@@ -282,7 +281,8 @@ def _price(exchange: Any, market: Mapping[str, Any], value: float | None, name: 
         rounded = 0.0
     if rounded <= 0:
         tick = (market.get("precision") or {}).get("price")
-        raise MarketRefusal(f"{name} {value} rounds to zero at the price precision {tick} of {market['symbol']}")
+        raise MarketRefusal(f"{name} {_show(value)} rounds to zero at the price precision {_show(tick)} of "
+                            f"{market['symbol']} (precision.price)")
     _check_range(rounded, (market.get("limits") or {}).get("price"), "price", market["symbol"], name)
     return rounded
 
@@ -292,9 +292,11 @@ def _check_range(value: float, limit: Mapping[str, Any] | None, what: str, symbo
     low, high = (limit or {}).get("min"), (limit or {}).get("max")
     path = f"limits.{key or what}"
     if low is not None and value < low:
-        raise MarketRefusal(f"{name} {value} is below the minimum {what} {low} of {symbol} ({path}.min)")
+        raise MarketRefusal(f"{name} {_show(value)} is below the minimum {what} {_show(low)} of {symbol} "
+                            f"({path}.min)")
     if high is not None and value > high:
-        raise MarketRefusal(f"{name} {value} is above the maximum {what} {high} of {symbol} ({path}.max)")
+        raise MarketRefusal(f"{name} {_show(value)} is above the maximum {what} {_show(high)} of {symbol} "
+                            f"({path}.max)")
 
 
 def _check_cost(amount: float, price: float, limit: Mapping[str, Any] | None, market: Mapping[str, Any],
@@ -302,11 +304,11 @@ def _check_cost(amount: float, price: float, limit: Mapping[str, Any] | None, ma
     cost = Decimal(str(amount)) * Decimal(str(price))
     low, high = (limit or {}).get("min"), (limit or {}).get("max")
     quote = market.get("quote") or ""
-    shown = f"order cost {cost.normalize():f} {quote} (quantity {amount} at {price})"
+    shown = f"order cost {_show(cost)} {quote} (quantity {_show(amount)} at {_show(price)})"
     if low is not None and cost < Decimal(str(low)):
-        raise MarketRefusal(f"{shown} is below the minimum cost {low} {quote} of {symbol} (limits.cost.min)")
+        raise MarketRefusal(f"{shown} is below the minimum cost {_show(low)} {quote} of {symbol} (limits.cost.min)")
     if high is not None and cost > Decimal(str(high)):
-        raise MarketRefusal(f"{shown} is above the maximum cost {high} {quote} of {symbol} (limits.cost.max)")
+        raise MarketRefusal(f"{shown} is above the maximum cost {_show(high)} {quote} of {symbol} (limits.cost.max)")
 
 
 def _check_sides(protect: Mapping[str, float], side: str, reference: float) -> None:
@@ -316,7 +318,8 @@ def _check_sides(protect: Mapping[str, float], side: str, reference: float) -> N
         wanted_below = role == below
         if (trigger >= reference) if wanted_below else (trigger <= reference):
             where = "below" if wanted_below else "above"
-            raise MarketRefusal(f"{role} {trigger} must be {where} the entry price {reference} for a {side}")
+            raise MarketRefusal(f"{role} {_show(trigger)} must be {where} the entry price {_show(reference)} "
+                                f"for a {side}")
 
 
 def _plain(value: Any) -> Any:
@@ -349,7 +352,6 @@ class CcxtPlugin:
         self._log = context.logger
         self._exchange = build_exchange(self.settings)
         self._breaker = CircuitBreaker(self.settings.circuit_failures, self.settings.circuit_cooldown)
-        self._markets_lock = asyncio.Lock()
         self._markets_task: asyncio.Task[None] | None = None
         self._markets_loaded = False
         self._last_error: str | None = None
@@ -394,7 +396,7 @@ class CcxtPlugin:
         return result
 
     async def lookup(self, request: OrderRequest) -> OrderResult | None:
-        """The order sent under request.client_order_id: its state, a failed `not_found`, or None when unknown."""
+        """The order sent under request.client_order_id, or None when the exchange has none or cannot tell."""
         deadline = time.monotonic() + self.settings.order_timeout
         try:
             await self._ensure_markets(deadline)
@@ -403,13 +405,10 @@ class CcxtPlugin:
         symbol = request.order.get("symbol")
         if symbol not in (self._exchange.markets or {}):
             return None
-        state, order = await self._find(symbol, request.client_order_id, deadline)
-        if state is Found.YES:
-            return self._result(order, {"client_order_id": request.client_order_id, "looked_up": True})
-        if state is Found.NO:
-            return OrderResult(FAILED, error=NOT_FOUND, detail={"client_order_id": request.client_order_id,
-                                                                "found": False})
-        return None
+        _, order = await self._find(symbol, request.client_order_id, deadline)
+        if order is None:
+            return None
+        return self._result(order, {"client_order_id": request.client_order_id, "looked_up": True})
 
     async def health(self) -> dict[str, Any]:
         markets = self._exchange.markets or {}
@@ -444,13 +443,16 @@ class CcxtPlugin:
             delay = min(delay * 2, self.settings.markets_retry_max)
 
     async def _ensure_markets(self, deadline: float) -> None:
-        async with self._markets_lock:
-            if not self._markets_loaded:
-                await self._bounded(self._exchange.load_markets(), deadline)
-                self._markets_loaded = True
-                self._last_error = None
-                self._log.info("plugin %s: %d markets loaded from %s", self.name,
-                               len(self._exchange.markets), self.settings.exchange)
+        if self._markets_loaded:
+            return
+        # ccxt shares one load among concurrent callers; the shield keeps one caller's time-out
+        # from cancelling the load that the others (and the background loader) wait on
+        await self._bounded(asyncio.shield(self._exchange.load_markets()), deadline)
+        if not self._markets_loaded:
+            self._markets_loaded = True
+            self._last_error = None
+            self._log.info("plugin %s: %d markets loaded from %s", self.name,
+                           len(self._exchange.markets), self.settings.exchange)
 
     async def _reference_price(self, order: Mapping[str, Any], deadline: float) -> tuple[float | None, str | None]:
         """A last price to check the cost and the stop sides of a market order that carries no price."""
@@ -525,7 +527,7 @@ class CcxtPlugin:
         When a failed attempt may have reached the exchange, the order is looked up by its
         client order id before anything is sent again. Raises _Final when no order comes back.
         """
-        maybe_sent = False
+        maybe_sent = doubted = False
         last_error = ""
         for attempt in range(self.settings.retries + 1):
             if attempt and not await self._pause(attempt, deadline):
@@ -536,11 +538,17 @@ class CcxtPlugin:
                     return found
                 if maybe_sent := state is Found.UNKNOWN:
                     continue
+                doubted = True
             try:
                 attempts.sent += 1
                 return await self._bounded(self._exchange.create_order(
                     call.symbol, call.type, call.side, call.amount, call.price, dict(call.params)), deadline)
             except ccxt_async.ExchangeError as e:
+                if doubted:
+                    # a resend refused (say, as a duplicate) may mean the first attempt landed after all
+                    state, found = await self._look_up(call, deadline, attempts)
+                    if found is not None:
+                        return found
                 raise _Final(FAILED, self._safe(str(e)), venue_answered=True) from e
             except (ccxt_async.OperationFailed, asyncio.TimeoutError) as e:
                 # OperationFailed holds the NetworkError family and Binance's "internal error" answers
@@ -651,6 +659,11 @@ class CcxtPlugin:
 
 
 _QUERY = re.compile(r"(https?://[^\s?]+)\?\S*")
+
+
+def _show(value: Any) -> str:
+    """A number as a trader writes it: 0.00005, not 5e-05; 60000, not 60000.0."""
+    return f"{Decimal(str(value)).normalize():f}"
 
 
 def _float(value: Any) -> float | None:
