@@ -17,9 +17,10 @@ import time
 from dataclasses import dataclass, field
 from decimal import Decimal
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Iterator
 from urllib.parse import parse_qsl
 
+import pytest
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -345,3 +346,20 @@ def _check_step(name: str, value: Decimal, low: str, high: str, step: str) -> No
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def plugin_settings(imitation: BinanceImitation, **overrides: Any) -> dict[str, Any]:
+    """Settings of a `ccxt` plugin pointed at `imitation`, with timeouts short enough for tests."""
+    settings: dict[str, Any] = {
+        "type": "ccxt", "exchange": "binance", "api_key": imitation.api_key, "secret": imitation.secret,
+        "ccxt": imitation.ccxt_config(), "timeout": 0.5, "order_timeout": 5, "retries": 3,
+        "retry_backoff": 0.05, "retry_backoff_max": 0.2, "markets_retry_max": 0.2,
+    }
+    return {**settings, **overrides}
+
+
+@pytest.fixture
+def imitation() -> Iterator[BinanceImitation]:
+    """A running Binance imitation, stopped after the test."""
+    with BinanceImitation() as running:
+        yield running

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,11 +14,15 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from fksroute.systemd import Notifier, listen_sockets, watchdog_interval, watchdog_loop
+
+ROOT = Path(__file__).parent.parent
+ALERTS = Path(__file__).parent / "alerts"
 
 
 class NotifySocket:
@@ -168,14 +173,14 @@ def test_listen_sockets_without_activation() -> None:
 
 
 # The child imitates the service manager: it moves the inherited socket to fd 3, sets
-# LISTEN_PID to its own pid and execs the daemon side, which keeps that pid.
+# LISTEN_PID to its own pid and execs Python with the daemon side's arguments, keeping that pid.
 ACTIVATOR = textwrap.dedent("""
     import os, sys
     fd = int(sys.argv[1])
     os.dup2(fd, 3)
     os.close(fd)
     os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1", LISTEN_FDNAMES="fksroute.socket")
-    os.execv(sys.executable, [sys.executable, "-c", sys.argv[2]])
+    os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
 """)
 
 DAEMON_SIDE = textwrap.dedent("""
@@ -190,14 +195,19 @@ DAEMON_SIDE = textwrap.dedent("""
 """)
 
 
-def test_listen_sockets_takes_an_inherited_socket() -> None:
+def activate(python_args: list[str], **popen: Any) -> tuple[subprocess.Popen, int]:
+    """Start `python *python_args` as systemd would, handing it a listening loopback socket; (child, port)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
-        port = listener.getsockname()[1]
-        child = subprocess.Popen(
-            [sys.executable, "-c", ACTIVATOR, str(listener.fileno()), DAEMON_SIDE],
-            pass_fds=(listener.fileno(),), stdout=subprocess.PIPE, text=True)
+        child = subprocess.Popen([sys.executable, "-c", ACTIVATOR, str(listener.fileno()), *python_args],
+                                 pass_fds=(listener.fileno(),), **popen)
+        # Closing our copy leaves the child the only holder of the socket.
+        return child, listener.getsockname()[1]
+
+
+def test_listen_sockets_takes_an_inherited_socket() -> None:
+    child, port = activate(["-c", DAEMON_SIDE], stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout is not None
         assert child.stdout.readline().split() == ["AF_INET", "SOCK_STREAM", "False", "[]"]
@@ -223,13 +233,7 @@ UVICORN_SIDE = textwrap.dedent("""
 
 
 def test_uvicorn_serves_the_activated_socket() -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        port = listener.getsockname()[1]
-        child = subprocess.Popen(
-            [sys.executable, "-c", ACTIVATOR, str(listener.fileno()), UVICORN_SIDE],
-            pass_fds=(listener.fileno(),))
+    child, port = activate(["-c", UVICORN_SIDE])
     try:
         # The socket already listens, so the request waits in the backlog while uvicorn starts.
         reply = httpx.get(f"http://127.0.0.1:{port}/", timeout=10)
@@ -240,3 +244,38 @@ def test_uvicorn_serves_the_activated_socket() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def test_fksroute_serves_the_socket_systemd_passes(tmp_path: Path) -> None:
+    shutil.copy(ROOT / "routes.yaml", tmp_path / "routes.yaml")
+    with open(tmp_path / "daemon.log", "wb") as log:
+        child, port = activate(["-m", "fksroute", "serve", "-c", str(tmp_path / "routes.yaml")],
+                               cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            # The passed socket is served instead of routes.yaml's server.port.
+            assert client.get("/-/ready").status_code == 200
+            reply = client.post("/webhook/tradingview", content=(ALERTS / "seed-buy-market.json").read_bytes())
+            assert reply.status_code == 200 and reply.json()["success"] is True
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=15) in (0, -signal.SIGTERM)
+    finally:
+        child.kill()
+        child.wait()
+        print((tmp_path / "daemon.log").read_text(errors="replace"))
+
+
+def test_fksroute_tells_systemd_ready_reloading_ready_stopping_and_pings(
+        tmp_path: Path, path_socket: NotifySocket, daemon_factory: Any) -> None:
+    shutil.copy(ROOT / "routes.yaml", tmp_path / "routes.yaml")
+    daemon = daemon_factory(tmp_path / "routes.yaml",
+                            env={"NOTIFY_SOCKET": path_socket.name, "WATCHDOG_USEC": "200000"})
+    assert daemon.post("/-/reload").status_code == 200
+    time.sleep(0.3)  # a few watchdog periods of 0.1 s
+    daemon.stop()
+    messages = [path_socket.receive(timeout=0.5) for _ in range(len(path_socket.drain_count()))] \
+        if False else path_socket.drain()
+    states = [m for m in messages if m != "WATCHDOG=1"]
+    assert [m.split("\n")[0] for m in states] == ["READY=1", "RELOADING=1", "READY=1", "STOPPING=1"]
+    assert all(m.startswith("READY=1\nSTATUS=") for m in (states[0], states[2]))
+    assert messages.count("WATCHDOG=1") >= 2

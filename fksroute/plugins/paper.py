@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping
 
 from fksroute.plugins.base import FAILED, FILLED, PLACED, OrderRequest, OrderResult, PluginContext

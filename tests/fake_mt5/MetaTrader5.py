@@ -178,7 +178,6 @@ class Terminal:
     last_error: tuple[int, str] = (RES_S_OK, "Success")
     next_ticket: int = 1000
     on_send: _Callable[[dict[str, _Any]], None] | None = None
-    price_moves: list[tuple[float, float]] = _field(default_factory=list)
 
     def add_symbol(self, name: str, bid: float, ask: float, filling_mode: int = 1, visible: bool = True) -> None:
         self.symbols[name] = {"bid": bid, "ask": ask, "filling_mode": filling_mode, "visible": visible}
