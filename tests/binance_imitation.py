@@ -93,6 +93,7 @@ class Fault:
     status: int = 503
     body: dict[str, Any] | None = None
     hang: float = 0.0  # seconds to sleep after accepting, before answering
+    match: dict[str, str] = field(default_factory=dict)  # only requests with these parameters
 
 
 def free_port() -> int:
@@ -144,14 +145,15 @@ class BinanceImitation:
     # scripting ---------------------------------------------------------------------------
 
     def fail_next(self, times: int, status: int = 503, method: str = "POST", path: str = "/api/v3/order",
-                  body: dict[str, Any] | None = None) -> None:
+                  body: dict[str, Any] | None = None, match: dict[str, str] | None = None) -> None:
         """Answer the next `times` matching requests with `status` (and `body`) instead of serving them."""
-        self.faults.append(Fault(method, path, times, status, body))
+        self.faults.append(Fault(method, path, times, status, body, match=match or {}))
 
     def reject_next(self, times: int, code: int = -2010, msg: str = "Account has insufficient balance for "
-                    "requested action.", method: str = "POST", path: str = "/api/v3/order") -> None:
+                    "requested action.", method: str = "POST", path: str = "/api/v3/order",
+                    match: dict[str, str] | None = None) -> None:
         """Answer the next matching requests with a Binance error body and HTTP 400."""
-        self.fail_next(times, 400, method, path, {"code": code, "msg": msg})
+        self.fail_next(times, 400, method, path, {"code": code, "msg": msg}, match)
 
     def hang_next(self, times: int, seconds: float, method: str = "POST", path: str = "/api/v3/order") -> None:
         """Serve the next matching requests (an order is accepted and kept), then wait before answering."""
@@ -247,7 +249,7 @@ class BinanceImitation:
             self.requests.append((request.method, request.url.path, params))
             if records_order:
                 self.order_requests.append(params)
-            fault = self._take_fault(request.method, request.url.path)
+            fault = self._take_fault(request.method, request.url.path, params)
         if fault is not None and not fault.hang:
             if fault.body is None:
                 return PlainTextResponse(HTTPStatus(fault.status).phrase, fault.status)
@@ -263,9 +265,10 @@ class BinanceImitation:
             await asyncio.sleep(fault.hang)
         return JSONResponse(answer)
 
-    def _take_fault(self, method: str, path: str) -> Fault | None:
+    def _take_fault(self, method: str, path: str, params: dict[str, str]) -> Fault | None:
         for fault in self.faults:
-            if fault.method == method and fault.path == path and fault.times > 0:
+            if (fault.method == method and fault.path == path and fault.times > 0
+                    and fault.match.items() <= params.items()):
                 fault.times -= 1
                 return fault
         return None

@@ -195,31 +195,14 @@ def test_an_exchange_error_is_final_and_keeps_its_message(imitation):
 
 
 def test_a_failed_stop_loss_is_reported_beside_the_accepted_entry(imitation):
-    imitation.faults.append(__import__("binance_imitation").Fault("POST", "/api/v3/order", 0))
-    order = seed_order("seed-sell-limit-sl-tp.json")
-
-    async def scenario():
-        plugin = make_plugin(plugin_settings(imitation))
-        await plugin.start()
-        await until_healthy(plugin)
-        # the entry goes through, then Binance refuses the stop loss
-        original = imitation._new_order
-
-        def refuse_stops(params):
-            if params.get("type") == "STOP_LOSS":
-                raise __import__("binance_imitation").BinanceError(-2010, "Order would immediately trigger.")
-            return original(params)
-        imitation._new_order = refuse_stops
-        try:
-            return await plugin.execute(request(order))
-        finally:
-            await plugin.close()
-
-    result = asyncio.run(scenario())
+    imitation.reject_next(1, msg="Stop price would trigger immediately.", match={"type": "STOP_LOSS"})
+    [result] = run(plugin_settings(imitation), seed_order("seed-sell-limit-sl-tp.json"))
     assert result.status == "placed"
-    assert result.order_id is not None
-    assert "stop_loss order failed" in result.error and "immediately trigger" in result.error
+    assert result.order_id == str(imitation.orders[0]["orderId"])
+    assert "stop_loss order failed" in result.error and "would trigger immediately" in result.error
+    assert result.detail["linked"]["stop_loss"]["status"] == "failed"
     assert result.detail["linked"]["take_profit"]["status"] == "open"
+    assert [o["type"] for o in imitation.orders] == ["LIMIT", "TAKE_PROFIT"]
 
 
 def test_credentials_are_checked_by_the_exchange_and_never_shown(imitation):
