@@ -355,7 +355,7 @@ class _Builder:
             self.error(path, str(exc))
             return None
         self.files.append(file)
-        return schemas.AlertSchema(name, validator)
+        return schemas.AlertSchema(name, validator, schemas.fast_check(validator))
 
     def route(self, raw: Mapping[str, Any], defaults: Mapping[str, Any], plugins: Mapping[str, PluginSpec],
               path: Path_, alert_schemas: dict[str, schemas.AlertSchema | None]) -> Route | None:

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import jsonschema
 from jsonschema import Draft202012Validator
@@ -74,6 +74,28 @@ def builtin_validator(name: str) -> Draft202012Validator:
     return load_validator(name, builtin_dir())[0]
 
 
+def fast_check(validator: Draft202012Validator) -> Callable[[Any], bool] | None:
+    """A compiled `is_valid` for the common case (jsonschema-rs); the Python validator then only
+    runs to explain an invalid instance. None when the schema needs what only Python resolves."""
+    try:
+        import jsonschema_rs
+
+        compiled = jsonschema_rs.validator_for(validator.schema)
+    except Exception:
+        return None
+    return compiled.is_valid
+
+
+def _errors(validator: Draft202012Validator, fast: Callable[[Any], bool] | None,
+            instance: Any) -> list[jsonschema.ValidationError]:
+    try:
+        if fast is not None and fast(instance):
+            return []
+    except (ValueError, TypeError):
+        pass  # not plain JSON data (a template returned a date, say): let Python say why
+    return sorted_errors(validator, instance)
+
+
 def field_path(error: jsonschema.ValidationError) -> str:
     """The dotted path of the field an error is about ('' for the whole document)."""
     return ".".join(str(p) for p in error.absolute_path)
@@ -110,6 +132,7 @@ class AlertSchema:
 
     name: str
     validator: Draft202012Validator
+    fast: Callable[[Any], bool] | None = None
 
     def apply(self, alert: Mapping[str, Any]) -> tuple[dict[str, Any], AlertProblem | None]:
         filled = dict(alert)
@@ -117,7 +140,7 @@ class AlertSchema:
         for key, spec in properties.items():
             if isinstance(spec, Mapping) and "default" in spec and filled.get(key) is None:
                 filled[key] = spec["default"]
-        errors = sorted_errors(self.validator, filled)
+        errors = _errors(self.validator, self.fast, filled)
         if not errors:
             return filled, None
         # A present field with a bad value answers 400 ("Invalid action: x"); a missing one 422.
@@ -134,12 +157,12 @@ class AlertSchema:
 class OrderValidator:
     """The checks a rendered order must pass: the canonical order, its plugin's, its route's."""
 
-    validators: tuple[tuple[str, Draft202012Validator], ...]
+    validators: tuple[tuple[str, Draft202012Validator, Callable[[Any], bool] | None], ...]
 
     def errors(self, order: Mapping[str, Any]) -> list[str]:
         found: list[str] = []
-        for name, validator in self.validators:
-            found.extend(f"{describe(e)} ({name})" for e in sorted_errors(validator, order))
+        for name, validator, fast in self.validators:
+            found.extend(f"{describe(e)} ({name})" for e in _errors(validator, fast, order))
             if found:
                 break
         return found
@@ -147,9 +170,14 @@ class OrderValidator:
 
 def order_validator(plugin_type: str, extra: Iterable[tuple[str, Draft202012Validator]] = ()) -> OrderValidator:
     """Validators for an order going to a plugin of `plugin_type`, plus a route's own schema."""
-    chain = [("order.schema.json", builtin_validator("order.schema.json"))]
-    plugin_schema = f"{plugin_type}.order.schema.json"
-    if (builtin_dir() / plugin_schema).is_file():
-        chain.append((plugin_schema, builtin_validator(plugin_schema)))
-    chain.extend(extra)
+    names = ["order.schema.json"]
+    if (builtin_dir() / f"{plugin_type}.order.schema.json").is_file():
+        names.append(f"{plugin_type}.order.schema.json")
+    chain = [(name, builtin_validator(name), builtin_fast_check(name)) for name in names]
+    chain.extend((name, validator, fast_check(validator)) for name, validator in extra)
     return OrderValidator(tuple(chain))
+
+
+@lru_cache(maxsize=None)
+def builtin_fast_check(name: str) -> Callable[[Any], bool] | None:
+    return fast_check(builtin_validator(name))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import ssl
 import sys
@@ -19,8 +20,11 @@ from fksroute.daemon import REDACTOR, Daemon
 from fksroute.systemd import listen_sockets, watchdog_interval, watchdog_loop
 
 log = logging.getLogger("fksroute.server")
-# Files beside routes.yaml that change all the time and never affect routing.
-_NOISE_SUFFIXES = (".sqlite", ".sqlite-wal", ".sqlite-shm", ".sqlite-journal", ".log")
+# After SIGTERM, /-/ready answers 503 this long before the port closes, so that a health checker
+# sees the stop coming and an alert arriving meanwhile gets a 503 (which TradingView resends).
+STOP_GRACE = 0.5
+WATCH_RETRY = 1.0
+_MAX_LINKS = 40
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -34,44 +38,89 @@ def setup_logging(level: str = "INFO") -> None:
     logging.getLogger("watchfiles").setLevel(logging.WARNING)
 
 
-def _watched(daemon: Daemon) -> set[Path]:
+# --- the file watcher ------------------------------------------------------------------------
+
+def _symlinks(path: Path) -> set[Path]:
+    """Every symlink met while resolving `path`: replacing any of them changes what `path` reads."""
+    links: set[Path] = set()
+    current, parts = Path(path.anchor), list(path.parts[1:])
+    while parts and len(links) < _MAX_LINKS:
+        candidate = current / parts.pop(0)
+        if candidate.name == "..":
+            current = current.parent
+        elif candidate.is_symlink():
+            links.add(candidate)
+            target = Path(os.readlink(candidate))
+            if target.is_absolute():
+                current = Path(target.anchor)
+            parts[:0] = target.parts[1:] if target.is_absolute() else target.parts
+        else:
+            current = candidate
+    return links
+
+
+def watched_files(daemon: Daemon) -> frozenset[Path]:
+    """routes.yaml and every file its table references, as named and as resolved, with every symlink
+    on the way: saving one, renaming a new file onto it, or swapping a link (`..data`) changes the table."""
     table = daemon.deployment.table if daemon.deployment else None
-    paths = {daemon.config_path.absolute(), daemon.config_path.resolve()}
-    paths.update(Path(p).resolve() for p in (table.files if table else ()))
-    return paths
-
-
-def _relevant(changes: set[tuple[Any, str]], daemon: Daemon) -> bool:
-    watched = _watched(daemon)
-    for _, changed in changes:
-        path = Path(changed)
-        if path.name.endswith(_NOISE_SUFFIXES):
-            continue
-        # `..data`-style symlink swaps replace a directory link, not the file itself.
-        if path in watched or path.resolve() in watched or path.name.startswith(".."):
-            return True
-    return False
+    paths: set[Path] = set()
+    for name in (daemon.config_path, *(table.files if table else ())):
+        absolute = Path(os.path.abspath(name))
+        paths |= {absolute, absolute.resolve(), *_symlinks(absolute)}
+    return frozenset(paths)
 
 
 async def watch_files(daemon: Daemon, stop: asyncio.Event) -> None:
-    """Reload when routes.yaml, or a schema or secret file it references, is saved."""
-    directories = {p.parent for p in _watched(daemon)} | {daemon.config_path.absolute().parent}
-    async for changes in watchfiles.awatch(*directories, debounce=100, step=25, stop_event=stop,
-                                           recursive=False, force_polling=None):
-        if _relevant(changes, daemon):
-            await daemon.reload("watch")
+    """Reload when a watched file changes. Only the files' directories are watched, not recursively,
+    and only changes to the files themselves count, so the journal's writes beside them never do."""
+    while not stop.is_set():
+        files = watched_files(daemon)
+        directories = sorted({str(p.parent) for p in files if p.parent.is_dir()})
+        try:
+            async for _ in watchfiles.awatch(*directories, watch_filter=lambda _, path: Path(path) in files,
+                                             debounce=100, step=25, stop_event=stop, recursive=False):
+                await daemon.reload("watch")
+                if watched_files(daemon) != files:
+                    break  # a link swap or a new table moved the files: watch where they are now
+        except Exception as exc:  # e.g. a directory removed between listing and watching it
+            log.warning("watching %s failed (%s); trying again", ", ".join(directories), exc)
+            await asyncio.sleep(WATCH_RETRY)
 
+
+# --- the server --------------------------------------------------------------------------------
 
 class _Server(uvicorn.Server):
-    """uvicorn, with readiness dropped the moment a stop is asked for."""
+    """uvicorn, stopped the daemon's way: readiness drops at once, the port closes STOP_GRACE later.
+
+    A stop signal is a request for a clean stop, so after it the process exits 0; uvicorn's
+    own handler would re-raise the signal once stopped, and the process would die of it.
+    """
 
     def __init__(self, config: uvicorn.Config, daemon: Daemon) -> None:
         super().__init__(config)
         self.daemon = daemon
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list[Any] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
-        self.daemon.begin_stop()
-        super().handle_exit(sig, frame)
+        # A signal handler interrupts whatever runs: hand the work to the event loop.
+        if self._loop is None:
+            self.should_exit = True
+        else:
+            self._loop.call_soon_threadsafe(self._stop_requested)
+
+    def _stop_requested(self) -> None:
+        assert self._loop is not None
+        if not self.daemon.stopping:
+            self.daemon.begin_stop()
+            self._loop.call_later(STOP_GRACE, setattr, self, "should_exit", True)
+        elif not self.should_exit:
+            self.should_exit = True  # a second signal: no grace
+        else:
+            self.force_exit = True  # a third: stop waiting for open connections
 
 
 def serve(config_path: Path, host: str | None = None, port: int | None = None) -> int:
@@ -95,6 +144,7 @@ def serve(config_path: Path, host: str | None = None, port: int | None = None) -
             yield
         finally:
             stop_watching.set()
+            loop.remove_signal_handler(signal.SIGHUP)
             await daemon.stop()
 
     settings = table.server
@@ -110,17 +160,14 @@ def serve(config_path: Path, host: str | None = None, port: int | None = None) -
         server_header=False, proxy_headers=False, **options)
     server = _Server(config, daemon)
     sockets = listen_sockets()
-    try:
-        server.run(sockets=sockets or None)
-    except SystemExit:
-        raise
-    return 0 if server.started or daemon.stopping else 1
+    server.run(sockets=sockets or None)
+    return 0 if server.started else 1
 
 
 async def _ready_when_listening(server: uvicorn.Server | None, daemon: Daemon) -> None:
     """READY=1 only once the table is in force and the port is open."""
     while server is not None and not server.started:
-        if server.should_exit:
+        if server.should_exit or daemon.stopping:
             return
         await asyncio.sleep(0.01)
     daemon.become_ready()

@@ -355,7 +355,8 @@ def plugin_settings(imitation: BinanceImitation, **overrides: Any) -> dict[str, 
     """Settings of a `ccxt` plugin pointed at `imitation`, with timeouts short enough for tests."""
     settings: dict[str, Any] = {
         "type": "ccxt", "exchange": "binance", "api_key": imitation.api_key, "secret": imitation.secret,
-        "ccxt": imitation.ccxt_config(), "timeout": 0.5, "order_timeout": 5, "retries": 3,
+        # no client-side throttling or exit pause: the imitation has no rate limits to respect
+        "ccxt": {**imitation.ccxt_config(), "enableRateLimit": False, "timeout_on_exit": 0}, "timeout": 0.5, "order_timeout": 5, "retries": 3,
         "retry_backoff": 0.05, "retry_backoff_max": 0.2, "markets_retry_max": 0.2,
     }
     return {**settings, **overrides}
