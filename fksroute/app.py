@@ -7,7 +7,7 @@ import ipaddress
 import json
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Mapping
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -50,6 +50,21 @@ def _is_loopback(host: str | None) -> bool:
         return host is not None and ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+# Headers a reverse proxy adds: a request carrying one came from further away than its peer.
+_FORWARDING_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
+
+
+def admin_allowed(peer: str | None, headers: Mapping[str, str], admin_token: str | None) -> bool:
+    """May this request use an admin endpoint (POST /-/reload)? Yes from this host itself, or with
+    `Authorization: Bearer <security.admin_token>`. A request a local reverse proxy forwarded
+    arrives from loopback too, so loopback counts only when no forwarding header is present."""
+    if _is_loopback(peer) and not any(name in headers for name in _FORWARDING_HEADERS):
+        return True
+    scheme, _, given = headers.get("authorization", "").partition(" ")
+    return (bool(admin_token) and scheme.lower() == "bearer"
+            and hmac.compare_digest(given.strip().encode(), admin_token.encode()))
 
 
 def create_app(daemon: Daemon, lifespan: Callable[[Starlette], Any] | None = None) -> Starlette:
@@ -102,11 +117,10 @@ def create_app(daemon: Daemon, lifespan: Callable[[Starlette], Any] | None = Non
 
     async def reload(request: Request) -> Response:
         token = daemon.deployment.table.security.admin_token if daemon.deployment else None
-        given = request.headers.get("authorization", "")
-        authorised = _is_loopback(request.client.host if request.client else None) or (
-            token is not None and hmac.compare_digest(given.encode(), f"Bearer {token}".encode()))
-        if not authorised:
+        if not admin_allowed(request.client.host if request.client else None, request.headers, token):
             return _json(403, {"ok": False, "errors": ["reload is allowed from loopback or with the admin token"]})
+        if daemon.stopping:
+            return _json(503, {"ok": False, "errors": ["fksroute is stopping"]})
         outcome = await daemon.reload("http")
         return _json(200 if outcome.ok else 400, outcome.as_dict())
 

@@ -164,13 +164,28 @@ def cmd_test(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _server_section(path: Path) -> dict[str, Any]:
+    """`server:` as written, for when the whole file does not load (a secret missing in this shell,
+    or the very mistake a reload is about to report): it needs no secrets, and the daemon took it at start."""
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        server = document.get("server") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return {}
+    return server if isinstance(server, dict) else {}
+
+
 def _default_url(config_path: str | None) -> str:
-    table = config.load_file(config.default_config_path(config_path))
+    path = config.default_config_path(config_path)
+    table = config.load_file(path)
     if isinstance(table, list):
-        return "http://127.0.0.1:4700"
-    host = table.server.host if table.server.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
-    scheme = "https" if table.server.tls else "http"
-    return f"{scheme}://{host}:{table.server.port}"
+        raw = _server_section(path)
+        host, port, tls = str(raw.get("host", "127.0.0.1")), raw.get("port", config.DEFAULT_PORT), raw.get("tls")
+    else:
+        host, port, tls = table.server.host, table.server.port, table.server.tls
+    host = host if host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    host = f"[{host}]" if ":" in host else host
+    return f"{'https' if tls else 'http'}://{host}:{port}"
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
@@ -232,13 +247,7 @@ def _journal_path(config_path: str | None) -> Path:
     table = config.load_file(path)
     if not isinstance(table, list):
         return table.server.journal
-    # Secrets may be missing in this shell: the journal's path needs none of them.
-    try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        name = (document.get("server") or {}).get("journal", "journal.sqlite")
-    except (OSError, yaml.YAMLError, AttributeError):
-        name = "journal.sqlite"
-    return path.resolve().parent / name
+    return path.resolve().parent / str(_server_section(path).get("journal", "journal.sqlite"))
 
 
 def cmd_journal(args: argparse.Namespace) -> int:
@@ -278,6 +287,8 @@ def cmd_journal(args: argparse.Namespace) -> int:
                 if order["average_price"] is not None:
                     fill += f" @ {order['average_price']:g}"
             error = f" error: {order['error']}" if order["error"] else ""
+            if order["status"] == "skipped" and (order["detail"] or {}).get("reason"):
+                error += f" ({order['detail']['reason']})"
             print(f"    {order['route']} -> {order['plugin']}: {order['status'] or order['state']}"
                   f" order {order['order_id'] or '-'} (client {order['client_order_id']}){fill}{error}")
     return 0

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 from fksroute import config
 from fksroute.dedup import DedupCache, settled
-from fksroute.deployment import Deployment, PluginStartError, close_plugins, deploy, retired
+from fksroute.deployment import CLOSE_TIMEOUT, Deployment, PluginStartError, close_plugins, deploy, retired
 from fksroute.dispatch import Dispatcher
 from fksroute.journal import Journal, JournalError
 from fksroute.metrics import Metrics
@@ -73,14 +73,22 @@ class _ReloadQueue:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     waiting: asyncio.Future | None = None
     triggers: set[str] = field(default_factory=set)
+    runs: set[asyncio.Task] = field(default_factory=set)
 
     async def request(self, trigger: str) -> ReloadOutcome:
         if self.waiting is None:
             self.waiting = asyncio.get_running_loop().create_future()
             self.triggers = set()
-            asyncio.ensure_future(self._run())
+            run = asyncio.ensure_future(self._run())
+            self.runs.add(run)
+            run.add_done_callback(self.runs.discard)
         self.triggers.add(trigger)
         return await asyncio.shield(self.waiting)
+
+    async def idle(self) -> None:
+        """Wait for the reloads asked for so far (at a stop, before the plugins are closed)."""
+        if self.runs:
+            await asyncio.wait(list(self.runs))
 
     async def _run(self) -> None:
         async with self.lock:
@@ -115,9 +123,14 @@ class Daemon:
         self.generation = 0
         self.last_reload_ok = True
         self.last_error: str | None = None
-        self.unknown_orders = 0
         self._reloads = _ReloadQueue(self)
         self._tasks: set[asyncio.Task] = set()
+        self._retiring: set[asyncio.Task] = set()
+
+    @property
+    def unknown_orders(self) -> int:
+        """Orders whose outcome is unknown (sent before a crash, not found at the venue)."""
+        return self.dispatcher.unknown_orders if self.dispatcher is not None else 0
 
     @property
     def version(self) -> str | None:
@@ -146,15 +159,18 @@ class Daemon:
         if table.security.secret is None and table.security.path_token is None:
             log.warning("no security.secret is set: anyone who can reach the port can send orders")
         await self._load_dedup(table)
+        # Counted before recovery, which adds the orders it cannot reconcile.
+        self.dispatcher.unknown_orders = await self.journal.count_unknown()
+        self.metrics.unknown_orders.set(self.dispatcher.unknown_orders)
         rows = await self.journal.unfinished()
         await self.dispatcher.recover(rows, lambda name: self.deployment.plugins.get(name) if self.deployment else None)
         self._record_reload_metrics(True, "start")
-        self.unknown_orders = await self.journal.count_unknown()
-        self.metrics.unknown_orders.set(self.unknown_orders)
         log.info("routes %s in force: version %s, %d routes, plugins %s", self.config_path, table.version,
                  len(table.routes), ", ".join(f"{n} ({s.type})" for n, s in table.plugins.items()))
 
     def become_ready(self) -> None:
+        if self.stopping:
+            return
         self.ready = True
         self.notifier.ready(f"serving routes version {self.version}")
 
@@ -189,11 +205,17 @@ class Daemon:
 
     async def _reload(self, triggers: list[str]) -> ReloadOutcome:
         trigger = triggers[0] if len(triggers) == 1 else "+".join(triggers)
-        self.notifier.reloading()
+        if self.stopping:
+            return ReloadOutcome(False, self.version, self.generation, ("fksroute is stopping",), changed=False)
+        # RELOADING=1 ... READY=1 only around a reload of a daemon that said READY=1 already.
+        announce = self.ready
+        if announce:
+            self.notifier.reloading()
         try:
             outcome = await self._build_and_swap()
         finally:
-            self.notifier.ready(f"serving routes version {self.version}")
+            if announce and not self.stopping:
+                self.notifier.ready(f"serving routes version {self.version}")
         for t in triggers:
             self.metrics.reloads.labels(t, "success" if outcome.ok else "failure").inc()
         self._record_reload_metrics(outcome.ok, trigger)
@@ -225,10 +247,13 @@ class Daemon:
         # The swap: one reference. Requests in flight keep the deployment they started with.
         self.deployment = new
         self.generation = new.generation
-        REDACTOR.secrets = old.table.secrets | loaded.secrets
+        # Old secrets stay redacted: orders still in flight on retired plugins may log them.
+        REDACTOR.secrets = REDACTOR.secrets | loaded.secrets
         self._apply_security(loaded)
         self.last_reload_ok, self.last_error = True, None
-        self._spawn(self._retire(old, new))
+        retiring = asyncio.ensure_future(self._retire(old, new))
+        self._retiring.add(retiring)
+        retiring.add_done_callback(self._retiring.discard)
         return ReloadOutcome(True, loaded.version, self.generation)
 
     def _refused(self, errors: tuple[str, ...]) -> ReloadOutcome:
@@ -239,13 +264,14 @@ class Daemon:
     async def _retire(self, old: Deployment, new: Deployment) -> None:
         """Close the plugins the new table dropped, once their orders in flight are done."""
         gone = retired(old, new)
-        for plugin in gone:
-            try:
-                await self.dispatcher.wait_idle(plugin, timeout=300)
-            except asyncio.TimeoutError:
-                log.warning("plugin %s still busy after 300 s; closing it anyway", plugin.name)
-        await close_plugins(gone)
-        REDACTOR.secrets = new.table.secrets
+        try:
+            for plugin in gone:
+                try:
+                    await self.dispatcher.wait_idle(plugin, timeout=300)
+                except asyncio.TimeoutError:
+                    log.warning("plugin %s still busy after 300 s; closing it anyway", plugin.name)
+        finally:
+            await close_plugins(gone)
 
     def _record_reload_metrics(self, ok: bool, trigger: str) -> None:
         m = self.metrics
@@ -299,13 +325,22 @@ class Daemon:
             log.info("stopping: no new alerts; finishing those in flight")
 
     async def stop(self) -> None:
+        """Finish the orders in flight (bounded), close the plugins, then the journal."""
         self.begin_stop()
+        await self._reloads.idle()  # a reload that started may still swap in new plugins: let it
+        drained = True
         if self.dispatcher is not None:
-            if not await self.dispatcher.drain(DRAIN_TIMEOUT):
+            drained = await self.dispatcher.drain(DRAIN_TIMEOUT)
+            if not drained:
                 log.warning("orders still in flight after %.0f s; they resume at the next start", DRAIN_TIMEOUT)
             await self.dispatcher.close()
-        for task in list(self._tasks):
+        if self._retiring and drained:
+            await asyncio.wait(list(self._retiring), timeout=CLOSE_TIMEOUT)  # idle now: they close
+        # Cancelling a retirement that still waits closes its plugins at once (see _retire).
+        tasks = list(self._tasks | self._retiring)
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self.deployment is not None:
             await close_plugins(list(self.deployment.plugins.values()))
         if self.journal is not None:

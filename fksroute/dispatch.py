@@ -43,6 +43,7 @@ class Dispatcher:
         self._busy: dict[int, int] = {}  # id(plugin) -> orders in flight
         self._idle: dict[int, asyncio.Event] = {}
         self._background: set[asyncio.Task] = set()
+        self.unknown_orders = 0  # orders whose outcome nobody knows: the user must look at the venue
 
     def submit(self, request: OrderRequest, plugin: Plugin | None, committed: Awaitable[Any]) -> asyncio.Task:
         """Queue `request` behind its lane's last order. Call in arrival order, without awaiting between."""
@@ -69,15 +70,15 @@ class Dispatcher:
         if previous is not None:
             await asyncio.wait([previous])  # its failure is its own; order is all we keep
         await committed  # JournalError here: the alert was never accepted, nothing is sent
-        if plugin is None:
-            result = OrderResult(FAILED, error=f"plugin {request.plugin!r} is not configured")
-        elif reconcile:
+        if reconcile:
             result = await self._reconcile(request, plugin)
+        elif plugin is None:
+            result = OrderResult(FAILED, error=f"plugin {request.plugin!r} is not configured")
         else:
             await self._retry_journal(lambda: self.journal.mark_sent(request.client_order_id))
             result = await self._execute(request, plugin)
         await self._retry_journal(lambda: self.journal.record_result(request.client_order_id, result))
-        self.metrics.orders.labels(request.plugin, result.status).inc()
+        self._count(request, result)
         log.info("order %s route=%s plugin=%s symbol=%s: %s%s", request.client_order_id, request.route,
                  request.plugin, request.order.get("symbol"), result.status,
                  f" ({result.error})" if result.error else "")
@@ -94,19 +95,38 @@ class Dispatcher:
             log.exception("plugin %s raised on order %s", request.plugin, request.client_order_id)
             return OrderResult(FAILED, error=self.redact(f"{request.plugin}: {type(exc).__name__}: {exc}"))
 
-    async def _reconcile(self, request: OrderRequest, plugin: Plugin) -> OrderResult:
-        """An order sent before a crash: ask the venue by client order id; never send again."""
+    async def _reconcile(self, request: OrderRequest, plugin: Plugin | None) -> OrderResult:
+        """An order sent before a crash: ask the venue by client order id; never send blindly again.
+
+        Only a plugin that declares `resend_safe` (it refuses a client order id it has seen, even
+        across restarts) gets the order again when its look-up finds nothing."""
+        if plugin is None:
+            return OrderResult(UNKNOWN, error=f"outcome unknown: sent before a restart, and plugin "
+                                              f"{request.plugin!r} is no longer configured to ask")
         try:
             found = await asyncio.wait_for(plugin.lookup(request), LOOKUP_TIMEOUT)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.warning("lookup of %s failed: %s", request.client_order_id, self.redact(str(exc)))
-            found = None
-        if found is None:
-            return OrderResult(UNKNOWN, error="outcome unknown: sent before a restart and not found at the venue; "
-                                              "check the venue before resending")
-        return found
+            return OrderResult(UNKNOWN, error="outcome unknown: sent before a restart and the venue could not be "
+                                              "asked; check the venue before resending")
+        if found is not None:
+            log.info("order %s sent before the restart: found at the venue (%s)", request.client_order_id,
+                     found.status)
+            return found
+        if getattr(plugin, "resend_safe", False):
+            log.info("order %s sent before the restart never reached %s: sending it now", request.client_order_id,
+                     request.plugin)
+            return await self._execute(request, plugin)
+        return OrderResult(UNKNOWN, error="outcome unknown: sent before a restart and not found at the venue; "
+                                          "check the venue before resending")
+
+    def _count(self, request: OrderRequest, result: OrderResult) -> None:
+        self.metrics.orders.labels(request.plugin, result.status).inc()
+        if result.status == UNKNOWN:
+            self.unknown_orders += 1
+            self.metrics.unknown_orders.set(self.unknown_orders)
 
     async def _retry_journal(self, write: Callable[[], Awaitable[Any]]) -> None:
         """A journal write after acceptance must land: the order is ours to finish."""
@@ -143,7 +163,7 @@ class Dispatcher:
                 continue
             if found is not None and found.status != PLACED:
                 await self._retry_journal(lambda: self.journal.record_result(request.client_order_id, found))
-                self.metrics.orders.labels(request.plugin, found.status).inc()
+                self._count(request, found)
                 log.info("order %s is now %s", request.client_order_id, found.status)
                 return
 

@@ -67,9 +67,20 @@ class JournalError(RuntimeError):
     """The journal cannot write: nothing may be executed or acknowledged."""
 
 
+class JournalConflict(JournalError):
+    """One write broke a uniqueness rule (e.g. a client order id used before); the journal is fine."""
+
+
+BEST_EFFORT_BACKLOG = 10000
+
+
 def new_alert_id() -> str:
     """Time-ordered and unique: milliseconds then random bits, 24 hex characters."""
     return f"{int(time.time() * 1000):012x}{secrets.token_hex(6)}"
+
+
+# (client_order_id, route, plugin, request, state, status, reason a route was skipped)
+OrderPlan = tuple[str, str | None, str | None, Mapping[str, Any] | None, str, str | None, str | None]
 
 
 @dataclass(frozen=True)
@@ -102,6 +113,9 @@ class Journal:
         self._conn: sqlite3.Connection | None = None
         self.healthy = True
         self.last_error: str | None = None
+        self.commits = 0  # transactions committed: with group commit, far fewer than writes
+        self.writes = 0   # operations committed
+        self.dropped = 0  # best-effort records (refused requests) dropped because the writer was behind
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -114,7 +128,7 @@ class Journal:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             conn.executescript(SCHEMA)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise JournalError(f"cannot open the journal {self.path}: {exc}") from None
         self._conn = conn
         self._thread = threading.Thread(target=self._run, name="fksroute-journal", daemon=True)
@@ -173,10 +187,18 @@ class Journal:
                 except sqlite3.IntegrityError as exc:
                     conn.execute(f"ROLLBACK TO op{i}")
                     conn.execute(f"RELEASE op{i}")
-                    outcomes.append((False, JournalError(f"journal: {exc}")))
+                    outcomes.append((False, JournalConflict(f"journal: {exc}")))
+                except sqlite3.OperationalError:
+                    raise  # the disk or the lock: the whole batch fails below
+                except Exception as exc:  # a bad value in one write must not take the writer down
+                    conn.execute(f"ROLLBACK TO op{i}")
+                    conn.execute(f"RELEASE op{i}")
+                    outcomes.append((False, JournalError(f"journal: {type(exc).__name__}: {exc}")))
             conn.execute("COMMIT")
+            self.commits += 1
+            self.writes += sum(1 for ok, _ in outcomes if ok)
             self.healthy, self.last_error = True, None
-        except sqlite3.Error as exc:
+        except Exception as exc:
             try:
                 conn.execute("ROLLBACK")
             except sqlite3.Error:
@@ -186,13 +208,22 @@ class Journal:
             outcomes = [(False, failure)] * len(batch)
         for op, (ok, value) in zip(batch, outcomes):
             if op.future is not None and op.loop is not None:
-                op.loop.call_soon_threadsafe(_settle, op.future, ok, value)
+                try:
+                    op.loop.call_soon_threadsafe(_settle, op.future, ok, value)
+                except RuntimeError:  # the loop is closed: nobody waits any more
+                    pass
 
     def _submit(self, run: Callable[[sqlite3.Connection], Any], wait: bool = True) -> asyncio.Future | None:
-        """Queue a write; the returned future resolves once it is committed (fsynced)."""
+        """Queue a write; the returned future resolves once it is committed (fsynced).
+
+        Without `wait` the write is best effort: dropped when the writer is far behind, so that a
+        flood of refused requests cannot grow the queue without bound."""
         if self._thread is None:
             raise JournalError("the journal is closed")
         if not wait:
+            if self._queue.qsize() >= BEST_EFFORT_BACKLOG:
+                self.dropped += 1
+                return None
             self._queue.put(_Op(run, None, None))
             return None
         loop = asyncio.get_running_loop()
@@ -210,15 +241,15 @@ class Journal:
     def record_alert(self, alert_id: str, *, source: str | None, body: str | None, outcome: str,
                      reason: str | None = None, http_status: int | None = None, dedup_key: str | None = None,
                      duplicate_of: str | None = None, config_version: str | None = None,
-                     orders: Iterable[tuple[str, str | None, str | None, Mapping[str, Any] | None, str, str | None]] = (),
+                     orders: Iterable[OrderPlan] = (),
                      reply: Mapping[str, Any] | None = None, wait: bool = True) -> asyncio.Future | None:
         """The alert and its planned orders, in one transaction.
 
-        Each order is (client_order_id, route, plugin, request, state, status).
+        Each order is (client_order_id, route, plugin, request, state, status, skip reason).
         """
         now = time.time()
         order_rows = list(orders)
-        reply_text = json.dumps(reply) if reply is not None else None
+        reply_text = json.dumps(reply, default=str) if reply is not None else None
 
         def run(conn: sqlite3.Connection) -> None:
             conn.execute(
@@ -228,19 +259,21 @@ class Journal:
                  reply_text, config_version))
             conn.executemany(
                 "INSERT INTO orders (client_order_id, alert_id, position, route, plugin, request, state, status,"
-                " created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                [(coid, alert_id, i, route, plugin, json.dumps(request) if request is not None else None,
-                  state, status, now, now) for i, (coid, route, plugin, request, state, status) in enumerate(order_rows)])
+                " detail, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                [(coid, alert_id, i, route, plugin, json.dumps(request, default=str) if request is not None else None,
+                  state, status, json.dumps({"reason": reason}) if reason else None, now, now)
+                 for i, (coid, route, plugin, request, state, status, reason) in enumerate(order_rows)])
 
         return self._submit(run, wait)
 
     def finish_alert(self, alert_id: str, http_status: int, reply: Mapping[str, Any], outcome: str | None = None,
-                     wait: bool = True) -> asyncio.Future | None:
-        text = json.dumps(reply)
+                     reason: str | None = None, wait: bool = True) -> asyncio.Future | None:
+        """The answer given to an accepted alert (and, when all its routes skipped it, why)."""
+        text = json.dumps(reply, default=str)
 
         def run(conn: sqlite3.Connection) -> None:
-            conn.execute("UPDATE alerts SET http_status = ?, reply = ?, outcome = COALESCE(?, outcome) WHERE id = ?",
-                         (http_status, text, outcome, alert_id))
+            conn.execute("UPDATE alerts SET http_status = ?, reply = ?, outcome = COALESCE(?, outcome),"
+                         " reason = COALESCE(?, reason) WHERE id = ?", (http_status, text, outcome, reason, alert_id))
 
         return self._submit(run, wait)
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-# Alert outcomes (fixed set): accepted, duplicate, skipped, and rejected_<reason>.
+# Alert outcomes (fixed set): accepted, duplicate, skipped_<reason>, and rejected_<reason>.
 REJECT_REASONS = ("auth", "address", "rate", "too_large", "invalid", "unmatched", "schema", "template",
                   "limits", "journal", "not_ready")
+SKIP_REASONS = ("disabled", "schedule", "stale", "confidence", "unmatched")
 
 
 class Metrics:

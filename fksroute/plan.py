@@ -29,6 +29,7 @@ class PlannedOrder:
     status: str
     order: Mapping[str, Any] | None = None
     reason: str | None = None
+    label: str | None = None  # why it was skipped, as a fixed metric label: disabled, schedule, stale, confidence
 
     def as_dict(self) -> dict[str, Any]:
         return {"route": self.route, "plugin": self.plugin, "status": self.status,
@@ -63,7 +64,10 @@ def parse_time(value: Any) -> datetime | None:
     number = as_number(value)
     if number is not None:
         seconds = number / 1000 if number > 1e11 else number
-        return datetime.fromtimestamp(seconds, timezone.utc)
+        try:
+            return datetime.fromtimestamp(seconds, timezone.utc)
+        except (OverflowError, OSError, ValueError):  # inf, nan, or beyond the calendar
+            return None
     if isinstance(value, str) and value.strip():
         try:
             parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
@@ -73,28 +77,29 @@ def parse_time(value: Any) -> datetime | None:
     return None
 
 
-def _skip_reason(route: Route, alert: Mapping[str, Any], now: datetime) -> str | None:
+def _skip_reason(route: Route, alert: Mapping[str, Any], now: datetime) -> tuple[str, str] | None:
+    """(label, reason) when `route` must not execute `alert` now."""
     if not route.enabled:
-        return "route disabled (enabled: false)"
+        return "disabled", "route disabled (enabled: false)"
     if route.schedule is not None:
         local = now.astimezone(ZoneInfo(route.schedule.timezone))
         minute = local.hour * 60 + local.minute
         start, end = route.schedule.start_minute, route.schedule.end_minute
         inside = start <= minute < end if start < end else (minute >= start or minute < end)
         if local.weekday() not in route.schedule.days or not inside:
-            return f"outside schedule ({route.schedule.timezone} {local:%a %H:%M})"
+            return "schedule", f"outside schedule ({route.schedule.timezone} {local:%a %H:%M})"
     if route.max_age is not None:
         raw = lookup(alert, route.time_field)
         sent = parse_time(raw) if raw is not None else None
         if sent is None:
-            return f"stale: no readable time in field {route.time_field!r} (max_age is set)"
+            return "stale", f"stale: no readable time in field {route.time_field!r} (max_age is set)"
         age = now - sent
         if age > route.max_age:
-            return f"stale: {age.total_seconds():.1f}s old, max_age {route.max_age.total_seconds():g}s"
+            return "stale", f"stale: {age.total_seconds():.1f}s old, max_age {route.max_age.total_seconds():g}s"
     if route.min_confidence is not None:
         confidence = as_number(alert.get("confidence"))
         if confidence is not None and confidence < route.min_confidence:
-            return f"confidence {confidence:g} below min_confidence {route.min_confidence:g}"
+            return "confidence", f"confidence {confidence:g} below min_confidence {route.min_confidence:g}"
     return None
 
 
@@ -130,7 +135,8 @@ def plan_alert(table: RoutingTable, alert: Mapping[str, Any], now: datetime | No
         if table.unmatched == "reject" or table.defaults is None:
             return Plan(rejection=Rejection(422, "No route matches this alert", "unmatched"), alert=alert)
         if table.unmatched == "drop":
-            return Plan((PlannedOrder("unmatched", None, SKIPPED, reason="no route matched (unmatched: drop)"),),
+            return Plan((PlannedOrder("unmatched", None, SKIPPED, reason="no route matched (unmatched: drop)",
+                                      label="unmatched"),),
                         alert=alert)
         routes = [table.defaults]
 
@@ -151,11 +157,12 @@ def plan_alert(table: RoutingTable, alert: Mapping[str, Any], now: datetime | No
             except TransformError as exc:
                 return Plan(rejection=Rejection(422, f"dedup_key of route {route.name}: {exc}", "template"), alert=alert)
         if not table.enabled:
-            planned.append(PlannedOrder(route.name, route.to, SKIPPED, reason="fksroute disabled (enabled: false)"))
+            planned.append(PlannedOrder(route.name, route.to, SKIPPED, reason="fksroute disabled (enabled: false)",
+                                        label="disabled"))
             continue
-        reason = _skip_reason(route, filled, now)
-        if reason is not None:
-            planned.append(PlannedOrder(route.name, route.to, SKIPPED, reason=reason))
+        skip = _skip_reason(route, filled, now)
+        if skip is not None:
+            planned.append(PlannedOrder(route.name, route.to, SKIPPED, reason=skip[1], label=skip[0]))
             continue
         try:
             order = (route.order or DEFAULT_ORDER).render(names)

@@ -8,7 +8,7 @@ import ipaddress
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 PASSPHRASE = "passphrase"
 SIGNATURE_HEADER = "x-webhook-signature"
@@ -113,3 +113,11 @@ def authenticate(body: bytes, offered: Credentials, secret: str | None, path_tok
 def strip_secret(alert: Mapping[str, Any]) -> dict[str, Any]:
     """The alert without its passphrase: what is logged, journaled and rendered."""
     return {k: v for k, v in alert.items() if k != PASSPHRASE}
+
+
+def redact(text: str, secrets: Iterable[str | None]) -> str:
+    """`text` with every occurrence of each secret replaced by `***`."""
+    for secret in secrets:
+        if secret and secret in text:
+            text = text.replace(secret, "***")
+    return text

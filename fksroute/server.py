@@ -43,13 +43,14 @@ def setup_logging(level: str = "INFO") -> None:
 def _symlinks(path: Path) -> set[Path]:
     """Every symlink met while resolving `path`: replacing any of them changes what `path` reads."""
     links: set[Path] = set()
-    current, parts = Path(path.anchor), list(path.parts[1:])
-    while parts and len(links) < _MAX_LINKS:
+    current, parts, hops = Path(path.anchor), list(path.parts[1:]), 0
+    while parts and hops < _MAX_LINKS:  # a loop of links ends here, as it would for the kernel
         candidate = current / parts.pop(0)
         if candidate.name == "..":
             current = current.parent
         elif candidate.is_symlink():
             links.add(candidate)
+            hops += 1
             target = Path(os.readlink(candidate))
             if target.is_absolute():
                 current = Path(target.anchor)
@@ -74,16 +75,18 @@ async def watch_files(daemon: Daemon, stop: asyncio.Event) -> None:
     """Reload when a watched file changes. Only the files' directories are watched, not recursively,
     and only changes to the files themselves count, so the journal's writes beside them never do."""
     while not stop.is_set():
-        files = watched_files(daemon)
-        directories = sorted({str(p.parent) for p in files if p.parent.is_dir()})
         try:
+            files = watched_files(daemon)
+            directories = sorted({str(p.parent) for p in files if p.parent.is_dir()})
+            if not directories:
+                raise FileNotFoundError(f"no directory of {daemon.config_path} exists")
             async for _ in watchfiles.awatch(*directories, watch_filter=lambda _, path: Path(path) in files,
                                              debounce=100, step=25, stop_event=stop, recursive=False):
                 await daemon.reload("watch")
                 if watched_files(daemon) != files:
                     break  # a link swap or a new table moved the files: watch where they are now
-        except Exception as exc:  # e.g. a directory removed between listing and watching it
-            log.warning("watching %s failed (%s); trying again", ", ".join(directories), exc)
+        except Exception as exc:  # a directory removed meanwhile, a loop of links, no permission...
+            log.warning("cannot watch the routes file (%s: %s); trying again", type(exc).__name__, exc)
             await asyncio.sleep(WATCH_RETRY)
 
 
@@ -125,6 +128,8 @@ class _Server(uvicorn.Server):
 
 def serve(config_path: Path, host: str | None = None, port: int | None = None) -> int:
     """Run the daemon until SIGTERM/SIGINT; exit code 0 after a clean stop."""
+    # Until the lifespan takes SIGHUP for reloads, one must not end the process (its default).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     daemon = Daemon(config_path)
     table = daemon.load()
     stop_watching = asyncio.Event()
@@ -144,7 +149,6 @@ def serve(config_path: Path, host: str | None = None, port: int | None = None) -
             yield
         finally:
             stop_watching.set()
-            loop.remove_signal_handler(signal.SIGHUP)
             await daemon.stop()
 
     settings = table.server

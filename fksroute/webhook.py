@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 
 from fksroute import security
 from fksroute.dispatch import client_order_id, result_entry
-from fksroute.journal import DONE, PENDING, JournalError, new_alert_id
+from fksroute.journal import DONE, PENDING, JournalConflict, JournalError, new_alert_id
 from fksroute.plan import READY, Plan, body_key, plan_alert
 from fksroute.plugins.base import SUCCESS_STATUSES, OrderRequest
 
@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("fksroute.webhook")
 ANSWER_WITHIN = 2.5  # TradingView gives up after 3 s; what is not done by then is answered `queued`
 MAX_DEPTH = 32
+MAX_DIGITS = 308  # an integer longer than this is not a float any more: refused, never half-parsed
+UNAUTHORIZED = "Unauthorized: missing or wrong secret"
 
 
 @dataclass(frozen=True)
@@ -60,24 +62,55 @@ def _depth_ok(value: Any) -> bool:
 
 
 def _no_constants(name: str) -> Any:
-    raise BadAlert(f"invalid JSON: {name} is not a number")
+    raise BadAlert(f"Unparsable body: {name} is not a number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise BadAlert(f"Unparsable body: number {text[:40]} is out of range")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_DIGITS:
+        raise BadAlert(f"Unparsable body: a number with {len(text)} digits is out of range")
+    return int(text)
+
+
+def _decode(body: bytes, content_type: str) -> str:
+    """The body's text: its declared charset, else UTF-8; a byte order mark is dropped."""
+    charset = "utf-8"
+    for param in content_type.split(";")[1:]:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset" and value.strip().strip('"'):
+            charset = value.strip().strip('"')
+    try:
+        codec = codecs.lookup(charset).name
+    except LookupError:
+        raise BadAlert(f"Unparsable body: unknown charset {charset[:40]!r}") from None
+    if codec == "utf-8":
+        codec = "utf-8-sig"
+    try:
+        return body.decode(codec)
+    except UnicodeDecodeError:
+        raise BadAlert(f"Unparsable body: not {charset[:40]} text") from None
 
 
 def parse_alert(body: bytes, content_type: str | None) -> dict[str, Any]:
     """JSON text becomes the alert; plain text becomes {"message": TEXT}."""
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError:
-        raise BadAlert("Unparsable body: not UTF-8 text") from None
+    text = _decode(body, content_type or "")
     if not text.strip():
         raise BadAlert("Unparsable body: empty")
     says_json = (content_type or "").split(";")[0].strip().lower() == "application/json"
     try:
-        value = json.loads(text, parse_constant=_no_constants)
-    except (json.JSONDecodeError, RecursionError) as exc:
-        if says_json:
-            raise BadAlert(f"Unparsable body: invalid JSON: {exc}") from None
-        return {"message": text}
+        value = json.loads(text, parse_constant=_no_constants, parse_float=_finite_float, parse_int=_bounded_int)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and BadAlert are ValueErrors
+        if not says_json:
+            return {"message": text}
+        if isinstance(exc, BadAlert):
+            raise
+        raise BadAlert(f"Unparsable body: invalid JSON: {exc}") from None
     if isinstance(value, dict):
         if not _depth_ok(value):
             raise BadAlert(f"Unparsable body: nested deeper than {MAX_DEPTH} levels")
@@ -94,21 +127,21 @@ class WebhookHandler:
         self.daemon = daemon
 
     def _journal_rejection(self, source: str | None, body: str | None, reason: str, status: int,
-                           reply: Mapping[str, Any]) -> asyncio.Future | None:
-        """Record a refused request; the caller decides whether to wait for the disk."""
+                           reply: Mapping[str, Any], wait: bool) -> asyncio.Future | None:
+        """Record a refused request. Without `wait` the record is best effort, so that a flood of
+        refused requests (address, rate, size, secret) cannot make the daemon wait on its disk."""
         self.daemon.metrics.alert(f"rejected_{reason}")
         try:
             return self.daemon.journal.record_alert(
                 new_alert_id(), source=source, body=body, outcome="rejected", reason=reason,
-                http_status=status, reply=reply, config_version=self.daemon.version,
-                wait=reason not in ("address", "rate", "too_large", "auth"))
+                http_status=status, reply=reply, config_version=self.daemon.version, wait=wait)
         except JournalError:
             return None
 
     def _refuse(self, status: int, message: str, reason: str, source: str | None, body: str | None = None,
                 headers: Mapping[str, str] | None = None) -> Reply:
         reply = reply_body(None, [], error=message)
-        self._journal_rejection(source, body, reason, status, reply)
+        self._journal_rejection(source, body, reason, status, reply, wait=False)
         log.info("refused from %s: %s %s", source, status, message)
         return Reply(status, reply, headers or {})
 
@@ -130,7 +163,9 @@ class WebhookHandler:
         return source, None
 
     def too_large(self, source: str | None, limit: int) -> Reply:
-        return self._refuse(413, f"Body larger than {limit} bytes", "too_large", source)
+        # The rest of the body is never read: the connection cannot carry another request.
+        return self._refuse(413, f"Body larger than {limit} bytes", "too_large", source,
+                            headers={"Connection": "close"})
 
     async def handle(self, body: bytes, headers: Mapping[str, str], source: str | None,
                      path_token: str | None = None) -> Reply:
@@ -139,20 +174,23 @@ class WebhookHandler:
         assert deployment is not None
         table = deployment.table
         settings = table.security
+        guarded = settings.secret is not None or settings.path_token is not None
+        signature = headers.get(security.SIGNATURE_HEADER)
         try:
             alert = parse_alert(body, headers.get("content-type"))
         except BadAlert as exc:
-            if settings.secret and not security.authenticate(
-                    body, security.Credentials(headers.get(security.SIGNATURE_HEADER), None, path_token),
-                    settings.secret, settings.path_token):
-                return self._refuse(401, "Unauthorized: missing or wrong secret", "auth", source)
+            # Without a parsed body only the signature or the path token can vouch for the sender.
+            if guarded and not security.authenticate(body, security.Credentials(signature, None, path_token),
+                                                     settings.secret, settings.path_token):
+                return self._refuse(401, UNAUTHORIZED, "auth", source)
             return await self._reject(source, None, 400, str(exc), "invalid")
-        offered = security.Credentials(headers.get(security.SIGNATURE_HEADER), alert.get(security.PASSPHRASE),
-                                       path_token)
+        offered = security.Credentials(signature, alert.get(security.PASSPHRASE), path_token)
         alert = security.strip_secret(alert)
-        stored = json.dumps(alert, separators=(",", ":"), default=str)
+        # The passphrase is gone; a secret pasted anywhere else in the body must not be stored either.
+        stored = security.redact(json.dumps(alert, separators=(",", ":"), default=str),
+                                 (settings.secret, settings.path_token, *table.secrets))
         if not security.authenticate(body, offered, settings.secret, settings.path_token):
-            return self._refuse(401, "Unauthorized: missing or wrong secret", "auth", source, stored)
+            return self._refuse(401, UNAUTHORIZED, "auth", source, stored)
         try:
             plan = plan_alert(table, alert, markets=deployment.markets)
         except Exception:  # a bug in planning must not become a 5xx that TradingView retries
@@ -167,7 +205,7 @@ class WebhookHandler:
 
     async def _reject(self, source: str | None, stored: str | None, status: int, error: str, reason: str) -> Reply:
         reply = reply_body(None, [], error=error)
-        waiter = self._journal_rejection(source, stored, reason, status, reply)
+        waiter = self._journal_rejection(source, stored, reason, status, reply, wait=True)
         try:
             if waiter is not None:
                 await waiter
@@ -184,19 +222,20 @@ class WebhookHandler:
         if seen is not None:
             return await self._duplicate(seen, key, stored, source)
 
+        # From here to the lanes below nothing awaits: a second delivery arriving meanwhile
+        # finds this one in the dedup cache, and lanes are taken in arrival order.
         alert_id = new_alert_id()
-        requests: list[tuple[int, OrderRequest | None]] = []
+        requests: list[OrderRequest | None] = []
         rows = []
         for position, planned in enumerate(plan.orders):
             coid = planned.order.get("client_order_id") if planned.order else None
             coid = str(coid) if coid else client_order_id(alert_id, planned.route, position)
             if planned.status == READY:
-                request = OrderRequest(coid, alert_id, planned.route, planned.plugin or "", planned.order or {})
-                requests.append((position, request))
-                rows.append((coid, planned.route, planned.plugin, planned.order, PENDING, None))
+                requests.append(OrderRequest(coid, alert_id, planned.route, planned.plugin or "", planned.order or {}))
+                rows.append((coid, planned.route, planned.plugin, planned.order, PENDING, None, None))
             else:
-                requests.append((position, None))
-                rows.append((coid, planned.route, planned.plugin, planned.order, DONE, planned.status))
+                requests.append(None)
+                rows.append((coid, planned.route, planned.plugin, planned.order, DONE, planned.status, planned.reason))
         try:
             committed = daemon.journal.record_alert(
                 alert_id, source=source, body=stored, outcome="accepted", dedup_key=key,
@@ -205,19 +244,30 @@ class WebhookHandler:
             return self._journal_down(exc)
         reply_future: asyncio.Future = asyncio.get_running_loop().create_future()
         daemon.dedup.add(key, alert_id, plan.dedup_window.total_seconds(), reply_future)
-        # Lanes are taken now, before any await, so arrival order is execution order.
         tasks = {pos: daemon.dispatcher.submit(req, deployment.plugins.get(req.plugin), committed)
-                 for pos, req in requests if req is not None}
+                 for pos, req in enumerate(requests) if req is not None}
         try:
             await committed
         except JournalError as exc:
             daemon.dedup.forget(key, alert_id)
-            for task in tasks.values():
+            for task in tasks.values():  # they fail on the same error: nothing was sent
                 task.add_done_callback(lambda t: t.exception())
-            reply = self._journal_down(exc)
+            reply = (self._conflict(exc, source, stored) if isinstance(exc, JournalConflict)
+                     else self._journal_down(exc))
             reply_future.set_result((reply.status, reply.body))
             return reply
+        # Journaled: whatever happens now, the answer is not a 5xx (TradingView would resend).
+        try:
+            status, body = await self._answer(alert_id, plan, rows, tasks, source)
+        except Exception:
+            log.exception("alert %s: building the answer failed; its orders continue", alert_id)
+            status, body = 202, reply_body(alert_id, [])
+        reply_future.set_result((status, body))
+        return Reply(status, body)
 
+    async def _answer(self, alert_id: str, plan: Plan, rows: list[tuple], tasks: dict[int, asyncio.Task],
+                      source: str | None) -> tuple[int, dict[str, Any]]:
+        daemon = self.daemon
         asynchronous = plan.ack == "async"
         if tasks and not asynchronous:
             await asyncio.wait(tasks.values(), timeout=ANSWER_WITHIN)
@@ -237,13 +287,18 @@ class WebhookHandler:
                                             order=planned.order, client_order_id=coid))
         body = reply_body(alert_id, results)
         status = 202 if asynchronous and tasks else 200
-        outcome = "accepted" if tasks else "skipped"
-        daemon.metrics.alert(outcome)
-        daemon.journal.finish_alert(alert_id, status, body, outcome, wait=False)
-        reply_future.set_result((status, body))
+        label = None
+        if tasks:
+            outcome = metric = "accepted"
+        else:  # every route skipped it: counted by the first route's reason
+            outcome = "skipped"
+            label = next((o.label for o in plan.orders if o.label), None)
+            metric = f"skipped_{label}" if label else "skipped"
+        daemon.metrics.alert(metric)
+        daemon.journal.finish_alert(alert_id, status, body, outcome, reason=label, wait=False)
         log.info("alert %s from %s: %s routes=%s %s", alert_id, source, status, plan.routes,
                  [r["status"] for r in results])
-        return Reply(status, body)
+        return status, body
 
     async def _duplicate(self, seen: Any, key: str, stored: str, source: str | None) -> Reply:
         daemon = self.daemon
@@ -262,6 +317,11 @@ class WebhookHandler:
             log.error("journal: %s", exc)
         log.info("duplicate of alert %s from %s", seen.alert_id, source)
         return Reply(status, body)
+
+    def _conflict(self, exc: Exception, source: str | None, stored: str) -> Reply:
+        """The rendered orders reuse a client order id the journal already holds: refused whole."""
+        error = "An order's client_order_id was used before (by an earlier alert or another route of this one)"
+        return self._refuse(422, error, "invalid", source, stored)
 
     def _journal_down(self, exc: Exception) -> Reply:
         log.error("alert refused, the journal cannot write: %s", exc)

@@ -73,15 +73,23 @@ def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: floa
     raise TimeoutError(f"nothing listens on {port}")
 
 
-def spawn_agent(args: list[str], log_file: Path, port: int, fake_mt5: bool = False) -> subprocess.Popen:
-    """`fksroute agent ...` as its own process (the agent commands alone, so it runs without the daemon's CLI)."""
-    env = dict(os.environ)
-    if fake_mt5:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(FAKE_MT5), env.get("PYTHONPATH")]))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fksroute.agents.main", "agent", *args, "--listen", f"127.0.0.1:{port}",
-         "--log-file", str(log_file)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-    )
+def agent_command(args: list[str], log_file: Path, port: int) -> list[str]:
+    """`fksroute agent ARGS` (the agent commands alone, so it runs without the daemon's CLI)."""
+    return [sys.executable, "-m", "fksroute.agents.main", "agent", *args, "--listen", f"127.0.0.1:{port}",
+            "--log-file", str(log_file)]
+
+
+def with_fake_mt5(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment with the stand-in MetaTrader5 importable."""
+    env = {**os.environ, **(env or {})}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(FAKE_MT5), env.get("PYTHONPATH")]))
+    return env
+
+
+def spawn_agent(args: list[str], log_file: Path, port: int, env: dict[str, str] | None = None,
+                stderr: Any = subprocess.DEVNULL) -> subprocess.Popen:
+    """The agent as its own process, once it listens."""
+    proc = subprocess.Popen(agent_command(args, log_file, port), stdout=subprocess.DEVNULL, stderr=stderr,
+                            env=env)
     wait_for_port(port, proc)
     return proc

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -57,10 +59,13 @@ class Daemon:
         return self.client.get(path, **kwargs)
 
     def logs(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        # Our idle keep-alive connection first: a TLS server waits for it to say goodbye.
+        self.client.close()
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
@@ -68,7 +73,6 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self.client.close()
         self._log.close()
         return self.proc.returncode
 
@@ -77,3 +81,33 @@ def start_daemon(config: Path, env: dict[str, str] | None = None, args: tuple[st
                  port: int | None = None) -> Daemon:
     """Start `python -m fksroute serve -c CONFIG` on 127.0.0.1 and wait until /-/ready answers 200."""
     return Daemon(config, env, args, port).wait_ready()
+
+
+def write_routes(directory: Path, text: str, name: str = "routes.yaml") -> Path:
+    """Write a routes file (dedented) into `directory` and return its path."""
+    path = Path(directory) / name
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+def read_ledger(path: Path) -> list[dict]:
+    """The fills a paper plugin's `ledger:` file holds, in the order they happened."""
+    if not Path(path).exists():
+        return []
+    entries = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            pass  # a line torn by a crash is no fill
+    return entries
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text output; 0 when it is absent."""
+    wanted = name + ("{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels else "")
+    for line in text.splitlines():
+        sample, _, value = line.rpartition(" ")
+        if sample == wanted:
+            return float(value)
+    return 0.0

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import ssl
+import time
 
 import pytest
 import rpyc
@@ -15,20 +17,23 @@ from fksroute.agents.ninjatrader import NinjaTraderBackend
 from fksroute.plugins.agent import AgentAddress, AgentClient, AgentUnreachable
 
 REFUSED = (OSError, EOFError)
+pytestmark = pytest.mark.filterwarnings("ignore:setName:DeprecationWarning")  # rpyc's own thread naming
 
 
-@pytest.fixture
-def certs(tmp_path):
-    return make_certs(tmp_path / "certs")
+# One CA and one agent for the whole module: each test only connects to it.
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    return make_certs(tmp_path_factory.mktemp("certs"))
 
 
-@pytest.fixture
-def backend(tmp_path):
-    (tmp_path / "incoming").mkdir()
-    return NinjaTraderBackend(tmp_path / "incoming")
+@pytest.fixture(scope="module")
+def backend(tmp_path_factory):
+    incoming = tmp_path_factory.mktemp("nt") / "incoming"
+    incoming.mkdir()
+    return NinjaTraderBackend(incoming)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def agent(backend, certs):
     with running_agent(backend, certs) as server:
         yield server
@@ -49,6 +54,13 @@ def connect(certs, port, **kwargs):
 def test_the_daemon_certificate_is_accepted(agent, certs):
     answer = client(certs, agent.port).call("health")
     assert answer["healthy"] is True and answer["backend"] == "ninjatrader"
+
+
+def test_a_silent_peer_does_not_hold_up_the_daemon(agent, certs):
+    with socket.create_connection(("127.0.0.1", agent.port)):
+        started = time.monotonic()
+        assert client(certs, agent.port).call("health")["healthy"] is True
+        assert time.monotonic() - started < 2
 
 
 def test_a_client_without_a_certificate_is_refused(agent, certs):

@@ -5,6 +5,7 @@ import json
 import logging
 from pathlib import Path
 
+import jsonschema
 import pytest
 from binance_imitation import BinanceImitation, SpotSymbol, imitation, plugin_settings  # noqa: F401
 
@@ -126,7 +127,8 @@ def test_post_only_becomes_a_limit_maker_order(imitation):
 
 def test_params_pass_through_but_cannot_replace_the_client_order_id(imitation):
     run(plugin_settings(imitation), {"symbol": "BTC/USDT", "side": "buy", "type": "market", "quantity": 0.01,
-                                     "params": {"selfTradePreventionMode": "EXPIRE_BOTH", "clientOrderId": "mine"}})
+                                     "params": {"selfTradePreventionMode": "EXPIRE_BOTH", "clientOrderId": "mine",
+                                                "newClientOrderId": "mine-too"}})
     sent = imitation.order_requests[0]
     assert sent["selfTradePreventionMode"] == "EXPIRE_BOTH"
     assert sent["newClientOrderId"] == "fks-test-0"
@@ -282,3 +284,17 @@ def test_settings_defaults_are_the_schema_defaults():
     breaker = props["circuit_breaker"]["properties"]
     assert (settings.circuit_failures, settings.circuit_cooldown) == (breaker["failures"]["default"],
                                                                       breaker["cooldown"]["default"])
+
+
+@pytest.mark.parametrize("order, ok", [
+    ({"symbol": "BTC/USDT", "side": "buy", "type": "market", "quantity": 1}, True),
+    ({"symbol": "BTC/USDT:USDT", "side": "buy", "type": "limit", "quantity": 1, "price": 1, "post_only": True}, True),
+    ({"symbol": "BTCUSDT", "side": "buy", "type": "market", "quantity": 1}, False),
+    ({"symbol": "BTC/USDT", "side": "buy", "type": "market", "quantity": 1, "post_only": True}, False),
+    ({"symbol": "BTC/USDT", "side": "buy", "type": "limit", "quantity": 1, "price": 1, "time_in_force": "DAY"}, False),
+    ({"symbol": "BTC/USDT", "side": "buy", "type": "market", "quantity": 1, "params": {"newClientOrderId": "x"}},
+     False),
+])
+def test_the_ccxt_order_schema(order, ok):
+    schema = json.loads((ROOT / "schemas" / "ccxt.order.schema.json").read_text())
+    assert jsonschema.Draft202012Validator(schema).is_valid(order) is ok

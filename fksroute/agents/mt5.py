@@ -183,6 +183,8 @@ class Mt5Backend:
         with self._lock:
             try:
                 info = self._prepare(order.symbol)
+                if order.account:
+                    self._check_account(order.account)
                 request = self.build_request(order, int(info.filling_mode))
             except OrderError as exc:
                 return order_result(order.order_id, FAILED, error=str(exc))

@@ -19,8 +19,8 @@ FIELD_COUNT = 13
 ORDER_TYPES = {"market": "MARKET", "limit": "LIMIT", "stop": "STOPMARKET", "stop_limit": "STOPLIMIT"}
 TIMES_IN_FORCE = ("DAY", "GTC")
 DEFAULT_TIME_IN_FORCE = "DAY"
-# The order id becomes a file name in `outgoing`, so it keeps to characters Windows allows there.
-SAFE_ORDER_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# The order id becomes a file name in `outgoing` (after `<ACCOUNT>_` on some builds): no '_', nothing Windows forbids.
+SAFE_ORDER_ID = re.compile(r"^[A-Za-z0-9.-]{1,64}$")
 FORBIDDEN = re.compile(r"[;\r\n]")
 STALE_AFTER = 30.0  # an oif file still waiting after this long means NinjaTrader is not reading `incoming`
 
@@ -57,7 +57,7 @@ def oif_line(*fields: str) -> str:
 def check_order_id(order_id: str) -> str:
     """The order id as NinjaTrader will use it in a file name, or OrderError."""
     if not SAFE_ORDER_ID.match(order_id):
-        raise OrderError("a NinjaTrader order id must be 1-64 characters of A-Z a-z 0-9 . _ -")
+        raise OrderError("a NinjaTrader order id must be 1-64 characters of A-Z a-z 0-9 . -")
     return order_id
 
 
@@ -134,7 +134,6 @@ class NinjaTraderBackend:
         # Beside `incoming`, so that os.replace stays on one volume and is atomic.
         self.tmp_dir = Path(tmp_dir) if tmp_dir else self.incoming.parent / "fksroute-tmp"
         self.stale_after = stale_after
-        self._accounts: dict[str, str] = {}
 
     def submit(self, line: str) -> Path:
         """Write one command to a temporary file, then move it into `incoming` under a new oif*.txt name."""
@@ -156,7 +155,6 @@ class NinjaTraderBackend:
     def place(self, order: AgentOrder) -> dict[str, Any]:
         line = place_line(order)
         target = self.submit(line)
-        self._accounts[order.order_id] = order.account or ""
         return order_result(order.order_id, PLACED, venue_order_id=order.order_id, state="SUBMITTED",
                             oif_file=target.name)
 
@@ -169,16 +167,10 @@ class NinjaTraderBackend:
         return {"account": account, "symbol": symbol, "status": "requested", "oif_file": target.name}
 
     def _state_files(self, order_id: str) -> list[Path]:
-        names = [self.outgoing / f"{order_id}.txt"]
-        account = self._accounts.get(order_id)
-        if account:
-            names.append(self.outgoing / f"{account}_{order_id}.txt")
-        found = [p for p in names if p.is_file()]
-        if not found:
-            # Some builds prefix the account; after a restart the account is not remembered.
-            found = [Path(p) for p in glob.glob(str(self.outgoing / f"*_{glob.escape(order_id)}.txt"))
-                     if not p.endswith("_Position.txt")]
-        return found
+        # `<ORDER ID>.txt`, or `<ACCOUNT>_<ORDER ID>.txt` on some builds; ids hold no '_', so the match is exact.
+        exact = self.outgoing / f"{order_id}.txt"
+        prefixed = glob.glob(str(self.outgoing / f"*_{glob.escape(order_id)}.txt"))
+        return [p for p in [exact, *map(Path, prefixed)] if p.is_file()]
 
     def _pending(self) -> list[Path]:
         try:

@@ -158,7 +158,7 @@ def parse_order(text: str, backend: str) -> AgentOrder:
     tif = order.get("time_in_force")
     if tif is not None and tif not in TIMES_IN_FORCE:
         raise OrderError(f"time_in_force must be one of {', '.join(TIMES_IN_FORCE)}")
-    params = order.get("params") or {}
+    params = {} if order.get("params") is None else order["params"]
     if not isinstance(params, dict):
         raise OrderError("params must be a JSON object")
     parsed = AgentOrder(
@@ -368,6 +368,47 @@ class ClientCertAuthenticator(SSLAuthenticator):
         return tls, cert
 
 
+class AgentServer(ThreadPoolServer):
+    """rpyc's ThreadPoolServer, with two changes for an agent that one daemon calls a few times a second.
+
+    Its poller notices a connection that is waiting again only on its next 0.1 s tick, which adds up to
+    0.1 s to every round trip; here the poller is woken at once. And the TLS handshake runs on a thread of
+    its own rather than on the accepting thread, so that a silent peer cannot hold up everyone else.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._wake_reader.setblocking(False)
+        self._wake_writer.setblocking(False)
+        self.poll_object.register(self._wake_reader.fileno(), "r")
+
+    def _accept_method(self, sock: socket.socket) -> None:
+        threading.Thread(target=super()._accept_method, args=(sock,), name="AgentHandshake", daemon=True).start()
+
+    def _add_inactive_connection(self, fd: int) -> None:
+        super()._add_inactive_connection(fd)
+        try:
+            self._wake_writer.send(b"\0")
+        except OSError:
+            pass  # the buffer is full: the poller has wake-ups pending anyway
+
+    def _handle_poll_result(self, connlist: list[tuple[int, str]]) -> None:
+        wake = self._wake_reader.fileno()
+        if any(fd == wake for fd, _ in connlist):
+            try:
+                while self._wake_reader.recv(4096):
+                    pass
+            except OSError:
+                pass
+        super()._handle_poll_result([(fd, events) for fd, events in connlist if fd != wake])
+
+    def close(self) -> None:
+        super().close()
+        self._wake_reader.close()
+        self._wake_writer.close()
+
+
 def check_tls_files(cert: str | Path, key: str | Path, ca: str | Path) -> None:
     """Fail at start, with a clear message, when the agent's certificate, key or CA cannot be loaded."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -379,10 +420,10 @@ def check_tls_files(cert: str | Path, key: str | Path, ca: str | Path) -> None:
 
 
 def build_server(service: AgentService, *, host: str, port: int, cert: str | Path, key: str | Path,
-                 ca: str | Path, allowed_cns: Iterable[str] = (), threads: int = 8) -> ThreadPoolServer:
-    """A ThreadPoolServer for `service` on host:port that accepts only clients with a certificate from `ca`."""
+                 ca: str | Path, allowed_cns: Iterable[str] = (), threads: int = 8) -> AgentServer:
+    """A thread-pool rpyc server for `service` on host:port that accepts only clients with a certificate from `ca`."""
     check_tls_files(cert, key, ca)
-    return ThreadPoolServer(
+    return AgentServer(
         service, hostname=host, port=port, ipv6=":" in host, auto_register=False,
         authenticator=ClientCertAuthenticator(key, cert, ca, allowed_cns),
         protocol_config=dict(PROTOCOL_CONFIG), nbThreads=threads,

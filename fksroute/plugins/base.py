@@ -63,7 +63,9 @@ class Plugin(Protocol):
 
     `start` must not raise because a venue is unreachable: it reports that through
     `health` and retries on its own. `execute` never raises for venue errors; it returns
-    a failed `OrderResult` whose `error` is safe to show (no secrets).
+    a failed `OrderResult` whose `error` is safe to show (no secrets). A plugin may set
+    `resend_safe = True` when it never executes a client order id twice, even across
+    restarts: after a crash, an order it cannot find is then sent again, not left unknown.
     """
 
     name: str

@@ -11,7 +11,7 @@ import enum
 import re
 import socket
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from decimal import Decimal
 from typing import Any, Awaitable, Callable, Mapping, TypeVar
 
@@ -25,6 +25,9 @@ from fksroute.symbols import tv_symbol
 T = TypeVar("T")
 
 CIRCUIT_OPEN = "circuit_open"
+# exchange-specific spellings of a client order id: ccxt would send one of these instead of ours
+CLIENT_ID_PARAMS = frozenset({"clientOrderId", "newClientOrderId", "clientOid", "clOrdId", "orderLinkId",
+                              "clientAlgoId"})
 LINKED_ID_MAX = 32  # the shortest client order id limit among the big exchanges (OKX); Binance allows 36
 
 
@@ -141,6 +144,8 @@ class OrderPlan:
 
 
 class Found(enum.Enum):
+    """What a look-up by client order id learned."""
+
     YES = "yes"
     NO = "no"
     UNKNOWN = "unknown"
@@ -214,7 +219,7 @@ def plan_order(exchange: Any, order: Mapping[str, Any], client_order_id: str,
     if reference is not None:
         _check_cost(amount, reference, limits.get("cost"), market, symbol)
 
-    params: dict[str, Any] = dict(order.get("params") or {})
+    params = {k: v for k, v in (order.get("params") or {}).items() if k not in CLIENT_ID_PARAMS}
     params["clientOrderId"] = client_order_id
     if stop is not None:
         params["triggerPrice"] = stop
@@ -458,6 +463,11 @@ class CcxtPlugin:
         """A last price to check the cost and the stop sides of a market order that carries no price."""
         if order.get("type", "market") != "market" or order.get("price") is not None:
             return None, None
+        market = (self._exchange.markets or {}).get(order["symbol"]) or {}
+        cost = (market.get("limits") or {}).get("cost") or {}
+        protected = order.get("stop_loss") is not None or order.get("take_profit") is not None
+        if not market or (cost.get("min") is None and cost.get("max") is None and not protected):
+            return None, None  # nothing to check it against
         if not self._exchange.has.get("fetchTicker"):
             return None, "the exchange has no ticker"
         try:
@@ -500,15 +510,12 @@ class CcxtPlugin:
             return OrderResult(final.status, error=final.message, detail=detail), final.venue_answered
         detail.update(attempts.as_json())
         result = self._result(order, detail)
-        if result.status == FAILED:
+        if result.status == FAILED or not plan.linked:
             return result, True
         errors = [await self._place_linked(role, call, deadline, detail["linked"][role])
                   for role, call in plan.linked]
-        errors = [e for e in errors if e]
-        if errors:
-            result = OrderResult(result.status, result.order_id, "; ".join(errors), result.filled_quantity,
-                                 result.average_price, result.detail)
-        return result, True
+        return replace(result, error="; ".join(e for e in errors if e) or None,
+                       detail={**result.detail, "linked": detail["linked"]}), True
 
     async def _place_linked(self, role: str, call: OrderCall, deadline: float, record: dict[str, Any]) -> str | None:
         """Place a stop-loss or take-profit order after its entry; return an error line when it failed."""

@@ -70,9 +70,18 @@ class PaperPlugin:
         self.log = context.logger
         self.book = _Book(prices=dict(settings.get("prices", {})))
         self._lock = asyncio.Lock()
+        # With a ledger, an order the ledger does not hold was never filled, even before a restart,
+        # and execute() never fills a client order id twice: resending after a crash is safe.
+        self.resend_safe = self.ledger is not None
 
     async def start(self) -> None:
         if self.ledger is not None and self.ledger.exists():
+            with open(self.ledger, "rb+") as handle:
+                size = handle.seek(0, os.SEEK_END)
+                if size:
+                    handle.seek(size - 1)
+                    if handle.read(1) != b"\n":
+                        handle.write(b"\n")  # a line torn by a crash stays alone: the next fill starts clean
             for line in self.ledger.read_text(encoding="utf-8").splitlines():
                 try:
                     self._replay(json.loads(line))

@@ -8,6 +8,8 @@ that is not a float, a comment over 31 characters) and 10030 for a filling mode 
 
 from __future__ import annotations
 
+import json as _json
+import os as _os
 import time as _time
 from collections import namedtuple as _nt
 from dataclasses import dataclass as _dataclass, field as _field
@@ -187,7 +189,18 @@ class Terminal:
         return self.next_ticket
 
 
-_terminal = Terminal()
+def _from_environment() -> Terminal:
+    """A terminal set up from $FAKE_MT5_SETUP ({"symbols": {NAME: {bid, ask, filling_mode}}, "password": ...}),
+    for tests that run the agent as its own process."""
+    terminal = Terminal()
+    setup = _json.loads(_os.environ.get("FAKE_MT5_SETUP") or "{}")
+    for name, symbol in setup.get("symbols", {}).items():
+        terminal.add_symbol(name, **symbol)
+    terminal.password = setup.get("password", "")
+    return terminal
+
+
+_terminal = _from_environment()
 
 
 def _reset() -> Terminal:

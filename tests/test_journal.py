@@ -1,0 +1,208 @@
+"""The journal: SQLite (WAL, synchronous=FULL) written by one thread in group commits; an alert
+is on disk before it is answered, and when the disk refuses, the alert is refused (503)."""
+
+import asyncio
+import json
+import sqlite3
+import time
+
+import pytest
+
+from fksroute import journal as journal_module
+from fksroute.journal import DONE, OPEN, PENDING, SENT, Journal, JournalConflict, JournalError, read_recent
+from fksroute.plugins.base import OrderResult
+from serving import metric, read_ledger, write_routes
+
+ALERT = {"symbol": "BTC/USDT", "action": "buy", "order_type": "market", "quantity": 0.01}
+
+
+@pytest.fixture
+def journal(tmp_path):
+    j = Journal(tmp_path / "journal.sqlite", busy_timeout=0.3)
+    j.open()
+    yield j
+    j.close()
+
+
+def record(journal, alert_id, orders=(), **kwargs):
+    """record_alert with defaults; each order is (client_order_id, state)."""
+    rows = [(coid, "r", "paper", {"symbol": "X", "side": "buy"}, state, None, None) for coid, state in orders]
+    return journal.record_alert(alert_id, source="127.0.0.1", body="{}", outcome=kwargs.pop("outcome", "accepted"),
+                                orders=rows, **kwargs)
+
+
+def written(make):
+    """Run `make()` (a journal write) in an event loop and wait for its commit."""
+    async def main():
+        return await make()
+
+    return asyncio.run(main())
+
+
+def test_the_file_is_wal_with_synchronous_full(journal):
+    pragmas = written(lambda: journal.run(lambda c: (c.execute("PRAGMA journal_mode").fetchone()[0],
+                                                     c.execute("PRAGMA synchronous").fetchone()[0])))
+    assert pragmas == ("wal", 2)     # 2 = FULL: every commit is fsynced
+
+
+def test_concurrent_alerts_share_commits(journal, tmp_path):
+    async def concurrent():
+        before = journal.commits
+        await asyncio.gather(*(record(journal, f"c{i}", [(f"o{i}", PENDING)]) for i in range(50)))
+        return journal.commits - before
+
+    async def one_by_one():
+        before = journal.commits
+        for i in range(5):
+            await record(journal, f"s{i}", [(f"p{i}", PENDING)])
+        return journal.commits - before
+
+    assert asyncio.run(concurrent()) <= 5          # 50 alerts, a handful of fsyncs
+    assert asyncio.run(one_by_one()) == 5          # the counter counts: one commit each when nothing overlaps
+    assert journal.writes == 55
+    journal.close()
+    assert len(read_recent(tmp_path / "journal.sqlite", limit=100)) == 55
+
+
+def test_a_locked_file_fails_the_write_and_the_journal_recovers(journal, tmp_path):
+    other = sqlite3.connect(tmp_path / "journal.sqlite", isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+
+    async def main():
+        started = time.monotonic()
+        with pytest.raises(JournalError, match="cannot write: database is locked"):
+            await record(journal, "a1", [("o1", PENDING)])
+        return time.monotonic() - started
+
+    assert 0.25 <= asyncio.run(main()) < 5         # it waited for the busy timeout, then gave up
+    assert not journal.healthy and "locked" in journal.last_error
+    other.execute("ROLLBACK")
+    other.close()
+    written(lambda: record(journal, "a1", [("o1", PENDING)]))
+    assert journal.healthy and journal.last_error is None
+
+
+def test_one_bad_write_fails_alone_and_the_writer_lives_on(journal):
+    async def main():
+        results = await asyncio.gather(record(journal, "same", [("o1", PENDING)]),
+                                       record(journal, "same", [("o2", PENDING)]),     # the id again
+                                       record(journal, "other", [("o1", PENDING)]),    # the order id again
+                                       journal.run(lambda c: 1 / 0),
+                                       record(journal, "fine", [("o3", PENDING)]),
+                                       return_exceptions=True)
+        return results, await journal.order_results("fine")
+
+    results, fine = asyncio.run(main())
+    assert results[0] is None and results[4] is None
+    assert isinstance(results[1], JournalConflict) and isinstance(results[2], JournalConflict)
+    assert isinstance(results[3], JournalError) and "ZeroDivisionError" in str(results[3])
+    assert [o["client_order_id"] for o in fine] == ["o3"]
+    assert journal.healthy
+
+
+def test_refused_requests_are_recorded_best_effort_when_the_writer_is_behind(journal, tmp_path, monkeypatch):
+    monkeypatch.setattr(journal_module, "BEST_EFFORT_BACKLOG", 3)
+
+    async def main():
+        slow = journal.run(lambda c: time.sleep(0.3))
+        for i in range(10):
+            assert record(journal, f"r{i}", outcome="rejected", reason="rate", wait=False) is None
+        await slow
+
+    asyncio.run(main())
+    assert journal.dropped >= 7
+    journal.close()
+    assert len(read_recent(tmp_path / "journal.sqlite", limit=100)) == 10 - journal.dropped
+
+
+def test_close_writes_what_is_queued_and_a_closed_journal_refuses(tmp_path):
+    j = Journal(tmp_path / "journal.sqlite")
+    j.open()
+    for i in range(20):
+        record(j, f"q{i}", outcome="rejected", wait=False)
+    j.close()
+    assert len(read_recent(tmp_path / "journal.sqlite", limit=100)) == 20
+    with pytest.raises(JournalError, match="closed"):
+        record(j, "late", wait=False)
+
+
+def test_an_unwritable_place_is_refused_at_open(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(JournalError, match="cannot open the journal"):
+        Journal(tmp_path / "file" / "journal.sqlite").open()
+
+
+def test_order_states_from_pending_to_done(journal):
+    async def states():
+        return {r.client_order_id: r.state for r in await journal.unfinished()}
+
+    async def main():
+        await record(journal, "a1", [("o1", PENDING), ("o2", DONE)])
+        seen = [await states()]
+        await journal.mark_sent("o1")
+        seen.append(await states())
+        await journal.record_result("o1", OrderResult("placed", "v-1"))
+        seen.append(await states())
+        await journal.record_result("o1", OrderResult("filled", "v-1", filled_quantity=1.0, average_price=10.0,
+                                                      detail={"at": object()}))   # detail need not be JSON
+        seen.append(await states())
+        return seen, await journal.order_results("a1")
+
+    seen, orders = asyncio.run(main())
+    assert seen == [{"o1": PENDING}, {"o1": SENT}, {"o1": OPEN}, {}]
+    assert orders[0]["status"] == "filled" and orders[0]["filled_quantity"] == 1.0 and orders[0]["state"] == DONE
+
+
+def test_dedup_entries_are_accepted_alerts_of_the_window(journal):
+    async def main():
+        await record(journal, "old", dedup_key="k0")
+        since = time.time()
+        await record(journal, "a1", dedup_key="k1")
+        await record(journal, "d1", dedup_key="k1", outcome="duplicate", duplicate_of="a1")
+        await record(journal, "r1", dedup_key="k2", outcome="rejected")
+        await record(journal, "a2")
+        return await journal.dedup_entries(since)
+
+    assert [(key, alert_id) for key, alert_id, _, _ in asyncio.run(main())] == [("k1", "a1")]
+
+
+# --- end to end: a journal that cannot write --------------------------------------------------
+
+@pytest.mark.parametrize("ack", ["sync", "async"])
+def test_a_journal_that_cannot_write_answers_503_and_executes_nothing(tmp_path, daemon_factory, ack):
+    daemon = daemon_factory(write_routes(tmp_path, f"""
+        version: 1
+        defaults: {{ack: {ack}}}
+        plugins: {{paper: {{type: paper, ledger: fills.jsonl}}}}
+        routes: [{{name: all, to: paper}}]
+    """))
+    other = sqlite3.connect(tmp_path / "journal.sqlite", isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")      # held past the daemon's busy timeout
+    try:
+        refused = daemon.post(json=ALERT)
+        health = daemon.get("/health").json()
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert refused.status_code == 503 and refused.headers["Retry-After"] == "5"
+    assert refused.json()["success"] is False and "journal cannot write" in refused.json()["error"]
+    assert health["status"] == "degraded" and health["journal"]["healthy"] is False
+    assert "locked" in health["journal"]["error"]
+    time.sleep(0.3)
+    assert read_ledger(tmp_path / "fills.jsonl") == []
+
+    # TradingView resends after a 5xx: the resend is a new alert, not a duplicate of the refused one.
+    again = daemon.post(json=ALERT)
+    assert again.status_code == (200 if ack == "sync" else 202) and again.json()["duplicate"] is False
+    # Answered only once on disk: the journal holds it already.
+    listed = read_recent(tmp_path / "journal.sqlite", alert_id=again.json()["alert_id"])
+    assert listed[0]["outcome"] == "accepted" and listed[0]["orders"][0]["client_order_id"]
+    deadline = time.monotonic() + 5
+    while len(read_ledger(tmp_path / "fills.jsonl")) < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    fills = read_ledger(tmp_path / "fills.jsonl")
+    assert [f["alert_id"] for f in fills] == [again.json()["alert_id"]]
+    assert daemon.get("/health").json()["journal"]["healthy"] is True
+    assert metric(daemon.get("/metrics").text, "fksroute_alerts_received_total", outcome="rejected_journal") == 1
+    accepted = [e for e in read_recent(tmp_path / "journal.sqlite", limit=50) if e["outcome"] == "accepted"]
+    assert len(accepted) == 1
