@@ -48,6 +48,18 @@ def reply_body(alert_id: str | None, results: list[dict[str, Any]], error: str |
             "duplicate": duplicate, "results": results}
 
 
+def json_safe(value: Any) -> Any:
+    """`value` with every infinite or NaN float replaced by None: replies must be strict JSON,
+    whatever a plugin or a template computed (a price times 1e308 overflows)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def _depth_ok(value: Any) -> bool:
     stack = [(value, 0)]
     while stack:
@@ -285,7 +297,7 @@ class WebhookHandler:
             else:
                 results.append(result_entry(planned.route, planned.plugin, None, status="queued",
                                             order=planned.order, client_order_id=coid))
-        body = reply_body(alert_id, results)
+        body = json_safe(reply_body(alert_id, results))
         status = 202 if asynchronous and tasks else 200
         label = None
         if tasks:

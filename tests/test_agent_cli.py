@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -17,6 +19,8 @@ from fksroute.agents.main import main, parse_listen, password_source, run_agent
 from fksroute.cli import build_parser
 from fksroute.plugins.agent import Mt5Plugin
 from fksroute.plugins.base import OrderRequest
+
+DOCS = Path(__file__).parent.parent / "docs" / "agents.md"
 
 
 def test_certs_makes_every_file_and_keeps_existing_ones(tmp_path, capsys):
@@ -136,3 +140,19 @@ def test_metatrader5_is_imported_only_when_the_mt5_agent_starts():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=with_fake_mt5(),
                           timeout=30)
     assert done.stdout.strip() == "False", done.stderr
+
+
+@pytest.mark.parametrize("alert, plugin, order", [
+    ({"symbol": "ES1!", "action": "buy", "quantity": 1}, "ninja",
+     {"symbol": "ES 12-26", "side": "buy", "type": "market", "quantity": 1, "strategy": "ATM 1R 2R"}),
+    ({"symbol": "FX:EURUSD", "action": "sell", "quantity": 0.1, "stop_loss": 1.12}, "mt5",
+     {"symbol": "EURUSD", "side": "sell", "type": "market", "quantity": 0.1, "stop_loss": 1.12}),
+])
+def test_the_routes_example_in_the_docs_routes_futures_and_forex(tmp_path, alert, plugin, order):
+    example = re.search(r"## 5\..*?```yaml\n(.*?)```", DOCS.read_text(), re.S).group(1)
+    (tmp_path / "routes.yaml").write_text(example)
+    done = subprocess.run([sys.executable, "-m", "fksroute", "route", "-c", str(tmp_path / "routes.yaml"),
+                           json.dumps(alert)], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stdout + done.stderr
+    [routed] = json.loads(done.stdout)["orders"]
+    assert (routed["plugin"], routed["order"]) == (plugin, order)

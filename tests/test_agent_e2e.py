@@ -34,18 +34,42 @@ routes:
 """
 
 
+class AgentProcess:
+    """`fksroute agent ninjatrader` as its own process, on a fixed port so that it can be killed and started again."""
+
+    def __init__(self, tmp_path):
+        certs = make_certs(tmp_path / "certs")
+        self.incoming = tmp_path / "NinjaTrader 8" / "incoming"
+        self.incoming.mkdir(parents=True)
+        (self.incoming.parent / "outgoing").mkdir()
+        self.port = free_port()
+        self.log = tmp_path / "agent.log"
+        self.args = ["ninjatrader", "--cert", str(certs["agent.pem"]), "--key", str(certs["agent.key"]),
+                     "--ca", str(certs["ca.pem"]), "--oif-dir", str(self.incoming)]
+        self.proc = spawn_agent(self.args, self.log, self.port)
+
+    def kill_and_restart(self):
+        self.proc.kill()
+        self.proc.wait()
+        self.proc = spawn_agent(self.args, self.log, self.port)
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
 @pytest.fixture
 def agent(tmp_path):
-    certs = make_certs(tmp_path / "certs")
-    incoming = tmp_path / "NinjaTrader 8" / "incoming"
-    incoming.mkdir(parents=True)
-    (incoming.parent / "outgoing").mkdir()
-    port = free_port()
-    proc = spawn_agent(["ninjatrader", "--cert", str(certs["agent.pem"]), "--key", str(certs["agent.key"]),
-                        "--ca", str(certs["ca.pem"]), "--oif-dir", str(incoming)], tmp_path / "agent.log", port)
-    yield port, incoming
-    proc.terminate()
-    proc.wait(10)
+    process = AgentProcess(tmp_path)
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def daemon(tmp_path, agent, daemon_factory):
+    config = tmp_path / "routes.yaml"
+    config.write_text(ROUTES.format(port=agent.port))
+    return daemon_factory(config)
 
 
 def journal(config) -> list[dict]:
@@ -55,28 +79,35 @@ def journal(config) -> list[dict]:
     return json.loads(done.stdout)
 
 
-def test_an_es_alert_becomes_a_place_line_and_its_fill_reaches_the_journal(tmp_path, agent, daemon_factory):
-    port, incoming = agent
-    config = tmp_path / "routes.yaml"
-    config.write_text(ROUTES.format(port=port))
-    daemon = daemon_factory(config)
-
+def test_an_es_alert_becomes_a_place_line_and_its_fill_reaches_the_journal(agent, daemon):
     reply = daemon.post(json={"symbol": "ES 12-26", "action": "buy", "quantity": 1})
     assert reply.status_code == 200, reply.text
     body = reply.json()
     assert body["success"] is True and body["results"][0]["status"] == "placed", body
     order_id = body["order_id"]
 
-    [oif] = incoming.glob("oif*.txt")
+    [oif] = agent.incoming.glob("oif*.txt")
     assert oif.read_bytes() == f"PLACE;Sim101;ES 12-26;BUY;1;MARKET;;;DAY;;{order_id};;\r\n".encode()
 
     oif.unlink()  # NinjaTrader takes the file, fills the order and says so in outgoing
-    (incoming.parent / "outgoing" / f"{order_id}.txt").write_text("FILLED;1;5012.25")
+    (agent.incoming.parent / "outgoing" / f"{order_id}.txt").write_text("FILLED;1;5012.25")
     deadline = time.monotonic() + 15
     while True:
-        [order] = journal(config)[0]["orders"]
+        [order] = journal(daemon.config)[0]["orders"]
         if order["status"] == "filled" or time.monotonic() > deadline:
             break
         time.sleep(0.3)
     assert (order["status"], order["filled_quantity"], order["average_price"]) == ("filled", 1, 5012.25)
     assert order["client_order_id"] == order_id
+
+
+def test_after_the_agent_is_killed_and_started_again_the_next_alert_goes_through(agent, daemon):
+    first = daemon.post(json={"symbol": "ES 12-26", "action": "buy", "quantity": 1}).json()
+    assert first["results"][0]["status"] == "placed", first
+    agent.kill_and_restart()
+    second = daemon.post(json={"symbol": "NQ 12-26", "action": "sell", "quantity": 2}).json()
+    assert second["success"] is True and second["results"][0]["status"] == "placed", second
+    assert sorted(f.read_text().strip() for f in agent.incoming.glob("oif*.txt")) == [
+        f"PLACE;Sim101;ES 12-26;BUY;1;MARKET;;;DAY;;{first['order_id']};;",
+        f"PLACE;Sim101;NQ 12-26;SELL;2;MARKET;;;DAY;;{second['order_id']};;",
+    ]

@@ -62,6 +62,15 @@ def test_an_order_for_another_account_is_refused(backend, terminal):
     assert backend.place(order(account="5001234"))["status"] == "filled"
 
 
+def test_params_set_deviation_and_magic(backend, terminal):
+    backend.place(order(params={"deviation": 3, "magic": 42}))
+    assert (terminal.requests[0]["deviation"], terminal.requests[0]["magic"]) == (3, 42)
+    for params in ({"deviation": "3"}, {"magic": -1}, {"slippage": 3}):
+        answer = backend.place(order(order_id="ord-x", params=params))
+        assert answer["status"] == "failed" and "params" in answer["error"]
+    assert len(terminal.requests) == 1
+
+
 def test_a_market_sell_takes_the_bid(backend, terminal):
     backend.place(order(side="sell"))
     assert terminal.requests[0]["price"] == 1.1 and terminal.requests[0]["type"] == 1

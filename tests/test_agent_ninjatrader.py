@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from fksroute.agents import ninjatrader
-from fksroute.agents.ninjatrader import NinjaTraderBackend, format_price, place_line
+from fksroute.agents.ninjatrader import NinjaTraderBackend, format_price, parse_state, place_line
 from fksroute.agents.service import AgentOrder, OrderError, PlacedOrders
 
 OIF_NAME = re.compile(r"^oif[^/\\]*\.txt$")
@@ -93,6 +93,12 @@ def test_a_line_is_always_one_place_command_of_13_fields(symbol, account, strate
     fields = line.split(";")
     assert len(fields) == 13 and fields[0] == "PLACE" and fields[1] == account and fields[2] == symbol
     assert "\n" not in line and "\r" not in line
+
+
+@given(st.text())
+def test_any_state_file_content_reads_without_error(text):
+    parsed = parse_state(text)
+    assert parsed is None or len(parsed) == 3
 
 
 def test_the_file_is_written_elsewhere_then_moved_in(nt, monkeypatch):

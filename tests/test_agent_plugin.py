@@ -131,7 +131,9 @@ def test_a_plugin_pointed_at_the_wrong_kind_of_agent(certs, incoming, tmp_path):
 class SlowNinjaTrader(NinjaTraderBackend):
     """Places after a delay, as a terminal that hangs for a while would."""
 
-    delay = 1.5
+    def __init__(self, incoming, delay):
+        super().__init__(incoming)
+        self.delay = delay
 
     def place(self, order):
         time.sleep(self.delay)
@@ -140,11 +142,22 @@ class SlowNinjaTrader(NinjaTraderBackend):
 
 def test_a_call_that_times_out_is_reconciled_never_placed_again(certs, incoming, tmp_path):
     async def scenario():
-        with running_agent(SlowNinjaTrader(incoming), certs) as server:
-            plugin = ninja(certs, server.port, tmp_path, timeout=0.5)
+        with running_agent(SlowNinjaTrader(incoming, delay=0.8), certs) as server:
+            plugin = ninja(certs, server.port, tmp_path, timeout=0.6)
+            result = await plugin.execute(request("fks-1"))
+            assert result.status == "placed"  # asked again while the agent was still placing it
+            assert len(lines(incoming)) == 1
+            await plugin.close()
+    asyncio.run(scenario())
+
+
+def test_a_call_that_stays_unanswered_is_unknown_until_the_agent_reports(certs, incoming, tmp_path):
+    async def scenario():
+        with running_agent(SlowNinjaTrader(incoming, delay=1.5), certs) as server:
+            plugin = ninja(certs, server.port, tmp_path, timeout=0.4)
             result = await plugin.execute(request("fks-1"))
             assert result.status == "unknown" and "timed out" in result.error
-            await asyncio.sleep(SlowNinjaTrader.delay)
+            await asyncio.sleep(1.5)
             assert (await plugin.lookup(request("fks-1"))).status == "placed"
             assert len(lines(incoming)) == 1
             await plugin.close()

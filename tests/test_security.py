@@ -188,7 +188,7 @@ def test_secrets_are_enforced_and_never_stored_logged_or_answered(tmp_path, daem
         post(content=json.dumps(alert(6)), headers={"X-Webhook-Signature": sign(json.dumps(alert(6)).encode(), "x")}),
         post(content=b"{not json", headers={"Content-Type": "application/json"}),   # unparsable: still 401
         post("/webhook/tradingview/wrong-token", json=alert(7)),
-        post(content=f"plain text that pastes {secret} but is no passphrase", headers={"Content-Type": "text/plain"}),
+        post(content=f"plain text that pastes {secret} in a message", headers={"Content-Type": "text/plain"}),
     ]
     for r in refused:
         assert r.status_code == 401, r.text
@@ -232,6 +232,7 @@ def test_secrets_are_enforced_and_never_stored_logged_or_answered(tmp_path, daem
     # Nowhere: not in the journal (the file and its write-ahead log), the log, a reply, the CLI.
     journal = (tmp_path / "journal.sqlite").read_bytes() + (tmp_path / "journal.sqlite-wal").read_bytes()
     assert b'"id":"a10"' in journal and b'"id":"a1"' in journal       # it is the journal that holds them
+    assert b"passphrase" not in journal                                  # removed, not merely masked
     for where, text in (("journal", journal), ("log", daemon.logs().encode()),
                         ("replies", b"".join(r.content for r in replies)), ("listing", listing.stdout.encode())):
         assert secret.encode() not in text, where

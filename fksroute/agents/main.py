@@ -99,6 +99,10 @@ def run_agent(args: argparse.Namespace) -> int:
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, stop)
+    state = backend.health()
+    if not state.get("healthy"):
+        # Served anyway: the terminal may come up later, and the daemon's health shows the same message.
+        log.warning("%s is not ready: %s", args.backend, state.get("error"))
     allowed = f", client CN in {sorted(args.allow_cn)}" if args.allow_cn else ""
     log.info("fksroute %s agent %s listening on %s:%d (client certificates signed by %s%s)",
              __version__, args.backend, host, server.port, args.ca, allowed)

@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from fksroute.agents.service import FAILED, FILLED, PLACED, UNKNOWN, AgentOrder, NotSent, OrderError, order_result
 
@@ -33,6 +33,13 @@ def mt5_comment(order_id: str) -> str:
     if len(order_id) <= COMMENT_MAX:
         return order_id
     return f"{order_id[:COMMENT_MAX - 9]}~{hashlib.sha256(order_id.encode()).hexdigest()[:8]}"
+
+
+def _whole(params: Mapping[str, Any], name: str, default: int) -> int:
+    value = params.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise OrderError(f"params.{name} must be a whole number of at least 0")
+    return value
 
 
 class Mt5Backend:
@@ -137,6 +144,9 @@ class Mt5Backend:
         mt5 = self.mt5
         buy = order.side == "buy"
         params = order.params
+        unknown = set(params) - {"deviation", "magic"}
+        if unknown:
+            raise OrderError(f"MetaTrader 5 orders take params deviation and magic, not {', '.join(sorted(unknown))}")
         request: dict[str, Any] = {"symbol": order.symbol, "volume": float(order.quantity)}
         if order.type == "market":
             request.update(action=mt5.TRADE_ACTION_DEAL, type=mt5.ORDER_TYPE_BUY if buy else mt5.ORDER_TYPE_SELL,
@@ -159,7 +169,7 @@ class Mt5Backend:
             request["tp"] = float(order.take_profit)
         pending_day = order.type != "market" and order.time_in_force == "DAY"
         request.update(
-            deviation=int(params.get("deviation", self.deviation)), magic=int(params.get("magic", self.magic)),
+            deviation=_whole(params, "deviation", self.deviation), magic=_whole(params, "magic", self.magic),
             comment=mt5_comment(order.order_id),
             type_time=mt5.ORDER_TIME_DAY if pending_day else mt5.ORDER_TIME_GTC,
             type_filling=self.filling(filling_mode, order.time_in_force),

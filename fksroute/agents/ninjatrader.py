@@ -104,7 +104,7 @@ def parse_state(text: str) -> tuple[str, float, float | None] | None:
         return None
     try:
         filled, average = _number(parts[1] or "0"), _number(parts[2] or "0")
-    except ValueError:
+    except (ValueError, OverflowError):
         return None
     return parts[0].strip().upper(), filled, (average or None)
 

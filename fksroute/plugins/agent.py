@@ -24,6 +24,7 @@ DEFAULT_TIMEOUT = 5.0
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 STATUSES = (FILLED, PLACED, FAILED, UNKNOWN)
+RECONCILE_POLL = 0.2
 
 
 class AgentError(Exception):
@@ -192,9 +193,11 @@ class AgentClient:
                 raise ConnectionLost(error) from None
             except Exception as exc:
                 raise AgentError(f"{method}: {type(exc).__name__}: {exc}") from None
+        if type(answer) is not str:  # plain text only: anything else would be a proxy into the agent
+            raise AgentError(f"{method}: the agent's answer is not text")
         try:
             return json.loads(answer)
-        except (TypeError, ValueError):
+        except ValueError:
             raise AgentError(f"{method}: the agent's answer is not JSON") from None
 
     def close(self) -> None:
@@ -239,16 +242,24 @@ class AgentPlugin:
                            detail=detail)
 
     def _reconcile(self, order_id: str, why: str) -> OrderResult:
-        """After a call whose outcome is unknown: ask the agent what became of the order; never place it again."""
-        try:
-            known = self._client.call("order_status", order_id)
-        except AgentError as exc:
-            known = None
-            why = f"{why}; order_status failed too ({exc})"
-        if known and known.get("status") in (PLACED, FILLED, FAILED):
-            return self._result(known, order_id)
-        return OrderResult(UNKNOWN, order_id=order_id, error=f"{why}: outcome unknown until the agent reports it",
-                           detail={"agent": str(self.address), "backend": self.backend})
+        """After a call whose outcome is unknown: ask the agent what became of the order; never place it again.
+
+        While the agent says the order is still being placed, it asks again, for at most one more timeout.
+        """
+        deadline = time.monotonic() + self.address.timeout
+        while True:
+            try:
+                known = self._client.call("order_status", order_id)
+            except AgentError as exc:
+                known, why = None, f"{why}; order_status failed too ({exc})"
+            if known and known.get("status") in (PLACED, FILLED, FAILED):
+                return self._result(known, order_id)
+            in_progress = bool(known and (known.get("detail") or {}).get("in_progress"))
+            if not in_progress or time.monotonic() >= deadline:
+                return OrderResult(UNKNOWN, order_id=order_id,
+                                   error=f"{why}: outcome unknown until the agent reports it",
+                                   detail={"agent": str(self.address), "backend": self.backend})
+            time.sleep(RECONCILE_POLL)
 
     def _place(self, order_id: str, payload: str) -> OrderResult:
         try:
