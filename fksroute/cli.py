@@ -247,7 +247,7 @@ def _journal_path(config_path: str | None) -> Path:
     table = config.load_file(path)
     if not isinstance(table, list):
         return table.server.journal
-    return path.resolve().parent / str(_server_section(path).get("journal", "journal.sqlite"))
+    return path.absolute().parent / str(_server_section(path).get("journal", "journal.sqlite"))
 
 
 def cmd_journal(args: argparse.Namespace) -> int:

@@ -434,7 +434,7 @@ def load(text: str, *, path: str | os.PathLike = "routes.yaml",
          env: Mapping[str, str] | None = None) -> RoutingTable | list[ConfigError]:
     """Turn routes.yaml's text into a RoutingTable, or every error found, each located."""
     file = str(path)
-    base_dir = Path(path).resolve().parent
+    base_dir = Path(path).absolute().parent  # not resolved: a `..data` symlink swap keeps paths stable
     data, located, yaml_errors = _parse_yaml(text)
     builder = _Builder(file, base_dir, located)
     for where, message in yaml_errors:

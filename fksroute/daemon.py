@@ -146,7 +146,10 @@ class Daemon:
     async def start(self, table: RoutingTable) -> None:
         """Open the journal, start the plugins, resume unfinished orders, then become ready."""
         self.journal = Journal(table.server.journal)
-        self.journal.open()
+        try:
+            self.journal.open()
+        except JournalError as exc:
+            raise SystemExit(str(exc)) from None
         REDACTOR.secrets = table.secrets
         self.dispatcher = Dispatcher(self.journal, self.metrics, redact=REDACTOR)
         self.generation = 1

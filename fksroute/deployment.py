@@ -39,7 +39,7 @@ class PluginStartError(RuntimeError):
 
 async def deploy(table: RoutingTable, previous: Deployment | None, generation: int) -> Deployment:
     """Start the plugins `table` needs, reusing each of `previous` whose settings did not change."""
-    base_dir = Path(table.source).resolve().parent
+    base_dir = Path(table.source).absolute().parent
     plugins: dict[str, Plugin] = {}
     started: list[Plugin] = []
     try:

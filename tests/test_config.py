@@ -176,3 +176,13 @@ def test_tradingview_preset(tmp_path):
     table = load(MINIMAL + "security: {allow_ips: [tradingview, 10.0.0.0/8]}\n", tmp_path)
     assert [str(n) for n in table.security.allow_ips] == [
         "52.89.214.238/32", "34.212.75.30/32", "54.218.53.128/32", "52.32.178.7/32", "10.0.0.0/8"]
+
+
+def test_relative_paths_start_beside_the_link_not_its_target(tmp_path):
+    # Kubernetes-style `..data` swaps: routes.yaml is a link into a directory that changes.
+    data = tmp_path / "..2026_01"
+    data.mkdir()
+    (data / "routes.yaml").write_text(MINIMAL + "server: {journal: j.sqlite}\n")
+    (tmp_path / "routes.yaml").symlink_to(data / "routes.yaml")
+    table = config.load_file(tmp_path / "routes.yaml", env={})
+    assert table.server.journal == tmp_path / "j.sqlite"

@@ -100,6 +100,8 @@ def test_guards_end_to_end(guarded):
                           ({}, "route sized has max_notional but the order has no price")):
         r = send(d, "sized", **fields)
         assert r.status_code == 422 and r.json()["success"] is False and error in r.json()["error"], r.text
+    schema = send(d, "sized", order_type="limit")                    # a limit order needs a price
+    assert schema.status_code == 422 and "invalid order" in schema.json()["error"] and "price" in schema.text
     skipped(send(d, "confident", confidence=0.5), "confidence 0.5 below min_confidence 0.6")
     filled(send(d, "confident", confidence=0.9))
 
@@ -107,9 +109,9 @@ def test_guards_end_to_end(guarded):
     metrics = d.get("/metrics").text
     counts = {outcome: metric(metrics, "fksroute_alerts_received_total", outcome=outcome)
               for outcome in ("accepted", "skipped_stale", "skipped_disabled", "skipped_schedule",
-                              "skipped_confidence", "rejected_limits")}
+                              "skipped_confidence", "rejected_limits", "rejected_schema")}
     assert counts == {"accepted": 5, "skipped_stale": 3, "skipped_disabled": 1, "skipped_schedule": 2,
-                      "skipped_confidence": 1, "rejected_limits": 3}
+                      "skipped_confidence": 1, "rejected_limits": 3, "rejected_schema": 1}
 
     listing = subprocess.run([sys.executable, "-m", "fksroute", "journal", "-c", str(d.home / "routes.yaml"),
                               "--limit", "100"], capture_output=True, text=True, timeout=30)
@@ -118,6 +120,7 @@ def test_guards_end_to_end(guarded):
     assert out.count(": skipped (stale) HTTP 200") == 3 and out.count(": skipped (schedule) HTTP 200") == 2
     assert out.count(": skipped (disabled) HTTP 200") == 1 and out.count(": skipped (confidence) HTTP 200") == 1
     assert out.count(": rejected (limits) HTTP 422") == 3 and out.count(": accepted HTTP 200") == 5
+    assert out.count(": rejected (schema) HTTP 422") == 1
     assert "error: quantity 2 exceeds max_quantity 1 of route sized" in out
     assert "fresh-only -> paper: skipped" in out and "(stale: 12" in out
     assert "switched-off -> paper: skipped" in out and "(route disabled (enabled: false))" in out

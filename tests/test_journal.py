@@ -2,8 +2,9 @@
 is on disk before it is answered, and when the disk refuses, the alert is refused (503)."""
 
 import asyncio
-import json
 import sqlite3
+import subprocess
+import sys
 import time
 
 import pytest
@@ -130,6 +131,20 @@ def test_an_unwritable_place_is_refused_at_open(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(JournalError, match="cannot open the journal"):
         Journal(tmp_path / "file" / "journal.sqlite").open()
+
+
+def test_serve_stops_with_a_message_when_the_journal_cannot_open(tmp_path):
+    (tmp_path / "blocker").write_text("")
+    routes = write_routes(tmp_path, """
+        version: 1
+        server: {journal: blocker/journal.sqlite}
+        plugins: {paper: {type: paper}}
+        routes: [{name: all, to: paper}]
+    """)
+    served = subprocess.run([sys.executable, "-m", "fksroute", "serve", "-c", str(routes), "--port", "0"],
+                            capture_output=True, text=True, timeout=30)
+    assert served.returncode != 0
+    assert f"cannot open the journal {tmp_path / 'blocker' / 'journal.sqlite'}" in served.stderr
 
 
 def test_order_states_from_pending_to_done(journal):

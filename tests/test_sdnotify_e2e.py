@@ -3,6 +3,7 @@ activation, and a graceful stop on SIGTERM."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -15,6 +16,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import closing
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -229,3 +231,80 @@ def test_sigterm_stops_gracefully(tmp_path: Path) -> None:
     assert sorted(a for a, _, _ in orders) == sorted(accepted)
     assert {(state, status) for _, state, status in orders} == {("done", "filled")}
     assert "stopped" in d.log_path.read_text()
+
+
+class SlowVenue:
+    """An order receiver behind the `http` plugin that takes `delays[symbol]` seconds per order."""
+
+    def __init__(self, delays: dict[str, float]) -> None:
+        self.received: list[str] = []
+        self.answered: list[str] = []
+        venue = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                order = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                venue.received.append(order["symbol"])
+                time.sleep(delays[order["symbol"]])
+                reply = json.dumps({"status": "filled", "order_id": f"venue-{order['client_order_id']}"}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+                venue.answered.append(order["symbol"])
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/orders"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_sigterm_waits_for_orders_in_flight_at_a_slow_venue(tmp_path: Path) -> None:
+    # The queued orders outlast the open request: only the drain at the stop can finish them.
+    venue = SlowVenue({"NOW/USDT": 0.3, **{f"Q{i}/USDT": 2.0 for i in range(3)}})
+    journal = tmp_path / "journal.sqlite"
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(textwrap.dedent(f"""\
+        version: 1
+        server: {{journal: {journal}}}
+        plugins:
+          venue: {{type: http, url: "{venue.url}", timeout: 5}}
+        routes:
+          - {{name: later, match: {{action: sell}}, to: venue, ack: async}}
+          - {{name: now, to: venue}}
+    """))
+    d = Daemon(routes).wait_ready()
+    try:
+        queued = [d.post(json=alert(symbol=f"Q{i}/USDT", action="sell")) for i in range(3)]
+        assert [r.status_code for r in queued] == [202] * 3
+        answer: list[httpx.Response] = []
+        waiting = threading.Thread(target=lambda: answer.append(d.post(json=alert(symbol="NOW/USDT"))))
+        waiting.start()
+        deadline = time.monotonic() + 5
+        while len(venue.received) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(venue.received) == 4 and venue.answered == []  # all four at the venue, none answered
+
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(timeout=20) == 0, d.log_path.read_text()
+        waiting.join(5)
+    finally:
+        d.stop()
+        venue.close()
+
+    # The alert whose request was open got its answer; the queued ones were finished, not dropped.
+    [reply] = answer
+    assert reply.status_code == 200 and reply.json()["results"][0]["status"] == "filled"
+    assert sorted(venue.answered) == sorted(venue.received)
+    with closing(sqlite3.connect(f"file:{journal}?mode=ro", uri=True)) as db:
+        orders = db.execute("SELECT state, status, order_id FROM orders").fetchall()
+    assert len(orders) == 4
+    assert all(state == "done" and status == "filled" and order_id.startswith("venue-")
+               for state, status, order_id in orders)
