@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import ipaddress
 import time
@@ -10,8 +9,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
+from fksroute.signing import SIGNATURE_HEADER as SIGNED_BY
+from fksroute.signing import sign
+
 PASSPHRASE = "passphrase"
-SIGNATURE_HEADER = "x-webhook-signature"
+SIGNATURE_HEADER = SIGNED_BY.lower()
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -77,11 +79,6 @@ class RateLimiter:
         while len(self._buckets) > self.max_sources:
             self._buckets.popitem(last=False)  # forget the longest-idle source
         return wait
-
-
-def sign(body: bytes, secret: str) -> str:
-    """Hex HMAC-SHA256 of the raw body: the X-Webhook-Signature header."""
-    return hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
 def _same(given: Any, expected: str) -> bool:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import time
 from dataclasses import dataclass, field, fields
@@ -13,10 +11,10 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from fksroute.signing import SIGNATURE_HEADER, sign
 from fksroute.plugins.base import (DRY_RUN, FAILED, FILLED, PLACED, UNKNOWN, OrderRequest, OrderResult,
                                    PluginContext)
 
-SIGNATURE_HEADER = "X-Webhook-Signature"
 RETRY_STATUSES = frozenset({429}) | frozenset(range(500, 600))
 REPLY_STATUSES = frozenset({FILLED, PLACED, DRY_RUN})
 
@@ -38,11 +36,6 @@ class HttpSettings:
     def from_mapping(cls, settings: Mapping[str, Any]) -> "HttpSettings":
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in settings.items() if k in names})
-
-
-def signature(body: bytes, secret: str) -> str:
-    """Hex HMAC-SHA256 of the exact body bytes, the `X-Webhook-Signature` a receiver checks."""
-    return hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
 def order_body(request: OrderRequest) -> bytes:
@@ -80,7 +73,7 @@ class HttpPlugin:
         body = order_body(request)
         headers = {"Content-Type": "application/json"}
         if self.settings.secret:
-            headers[SIGNATURE_HEADER] = signature(body, self.settings.secret)
+            headers[SIGNATURE_HEADER] = sign(body, self.settings.secret)
         deadline = time.monotonic() + self.settings.order_timeout
         maybe_delivered = False
         error = ""
