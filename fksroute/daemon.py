@@ -19,7 +19,7 @@ from fksroute.metrics import Metrics
 from fksroute.routing import RoutingTable
 from fksroute.security import RateLimiter
 from fksroute.systemd import Notifier
-from fksroute.webhook import WebhookHandler, reply_body
+from fksroute.webhook import WebhookHandler, journaled_reply
 
 log = logging.getLogger("fksroute.daemon")
 DRAIN_TIMEOUT = 10.0
@@ -185,10 +185,8 @@ class Daemon:
         window = max(windows or [60.0])
         now = time.time()
         for key, alert_id, received_at, reply in await self.journal.dedup_entries(now - window):
-            if reply is None:
-                reply = reply_body(alert_id, [{"route": o["route"], "plugin": o["plugin"], "status": o["status"] or "queued",
-                                               "order_id": o["order_id"], "error": o["error"]}
-                                              for o in await self.journal.order_results(alert_id)])
+            if reply is None:  # killed before its answer was journaled: rebuilt from its orders
+                reply = journaled_reply(alert_id, await self.journal.order_results(alert_id))
             self.dedup.add(key, alert_id, received_at + window - now, settled((200, reply)), now)
 
     def _apply_security(self, table: RoutingTable) -> None:

@@ -71,6 +71,10 @@ class JournalConflict(JournalError):
     """One write broke a uniqueness rule (e.g. a client order id used before); the journal is fine."""
 
 
+class _Redo(Exception):
+    """The fast path of a group commit met a bad op: run the batch again, one savepoint per op."""
+
+
 BEST_EFFORT_BACKLOG = 10000
 
 
@@ -174,27 +178,14 @@ class Journal:
                 self._commit(batch)
 
     def _commit(self, batch: list[_Op]) -> None:
+        """One transaction, one fsync, for the whole batch; then every waiter is told at once."""
         conn = self._conn
         assert conn is not None
-        outcomes: list[tuple[bool, Any]] = []
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            for i, op in enumerate(batch):
-                conn.execute(f"SAVEPOINT op{i}")
-                try:
-                    outcomes.append((True, op.run(conn)))
-                    conn.execute(f"RELEASE op{i}")
-                except sqlite3.IntegrityError as exc:
-                    conn.execute(f"ROLLBACK TO op{i}")
-                    conn.execute(f"RELEASE op{i}")
-                    outcomes.append((False, JournalConflict(f"journal: {exc}")))
-                except sqlite3.OperationalError:
-                    raise  # the disk or the lock: the whole batch fails below
-                except Exception as exc:  # a bad value in one write must not take the writer down
-                    conn.execute(f"ROLLBACK TO op{i}")
-                    conn.execute(f"RELEASE op{i}")
-                    outcomes.append((False, JournalError(f"journal: {type(exc).__name__}: {exc}")))
-            conn.execute("COMMIT")
+            try:
+                outcomes = self._apply(conn, batch, isolate=False)
+            except _Redo:
+                outcomes = self._apply(conn, batch, isolate=True)
             self.commits += 1
             self.writes += sum(1 for ok, _ in outcomes if ok)
             self.healthy, self.last_error = True, None
@@ -206,12 +197,42 @@ class Journal:
             self.healthy, self.last_error = False, str(exc)
             failure = JournalError(f"the journal cannot write: {exc}")
             outcomes = [(False, failure)] * len(batch)
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, bool, Any]]] = {}
         for op, (ok, value) in zip(batch, outcomes):
             if op.future is not None and op.loop is not None:
-                try:
-                    op.loop.call_soon_threadsafe(_settle, op.future, ok, value)
-                except RuntimeError:  # the loop is closed: nobody waits any more
-                    pass
+                by_loop.setdefault(op.loop, []).append((op.future, ok, value))
+        for loop, settled in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_settle_all, settled)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                pass
+
+    @staticmethod
+    def _apply(conn: sqlite3.Connection, batch: list[_Op], isolate: bool) -> list[tuple[bool, Any]]:
+        """Run the batch and commit. Without `isolate` (the fast path) the first op that fails for
+        its own reasons undoes the batch (_Redo); with it, each op runs inside a savepoint, so
+        that one bad op fails alone."""
+        outcomes: list[tuple[bool, Any]] = []
+        conn.execute("BEGIN IMMEDIATE")
+        for i, op in enumerate(batch):
+            if isolate:
+                conn.execute(f"SAVEPOINT op{i}")
+            try:
+                outcomes.append((True, op.run(conn)))
+            except sqlite3.OperationalError:
+                raise  # the disk or the lock: the whole batch fails
+            except Exception as exc:  # a bad value in one write must not take the writer down
+                if not isolate:
+                    conn.execute("ROLLBACK")
+                    raise _Redo() from None
+                conn.execute(f"ROLLBACK TO op{i}")
+                failure = (JournalConflict(f"journal: {exc}") if isinstance(exc, sqlite3.IntegrityError)
+                           else JournalError(f"journal: {type(exc).__name__}: {exc}"))
+                outcomes.append((False, failure))
+            if isolate:
+                conn.execute(f"RELEASE op{i}")
+        conn.execute("COMMIT")
+        return outcomes
 
     def _submit(self, run: Callable[[sqlite3.Connection], Any], wait: bool = True) -> asyncio.Future | None:
         """Queue a write; the returned future resolves once it is committed (fsynced).
@@ -348,13 +369,14 @@ def _order_dict(row: tuple) -> dict[str, Any]:
     return out
 
 
-def _settle(future: asyncio.Future, ok: bool, value: Any) -> None:
-    if future.done():
-        return
-    if ok:
-        future.set_result(value)
-    else:
-        future.set_exception(value)
+def _settle_all(settled: list[tuple[asyncio.Future, bool, Any]]) -> None:
+    for future, ok, value in settled:
+        if future.done():
+            continue
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
 
 
 def read_recent(path: Path, limit: int = 20, alert_id: str | None = None) -> list[dict[str, Any]]:

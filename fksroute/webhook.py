@@ -14,7 +14,7 @@ from fksroute import security
 from fksroute.dispatch import client_order_id, result_entry
 from fksroute.journal import DONE, PENDING, JournalConflict, JournalError, new_alert_id
 from fksroute.plan import READY, Plan, body_key, plan_alert
-from fksroute.plugins.base import SUCCESS_STATUSES, OrderRequest
+from fksroute.plugins.base import SUCCESS_STATUSES, OrderRequest, OrderResult
 
 if TYPE_CHECKING:
     from fksroute.daemon import Daemon
@@ -46,6 +46,21 @@ def reply_body(alert_id: str | None, results: list[dict[str, Any]], error: str |
     order_id = next((r["order_id"] for r in results if r.get("order_id")), None)
     return {"success": error is None, "order_id": order_id, "error": error, "alert_id": alert_id,
             "duplicate": duplicate, "results": results}
+
+
+def journaled_reply(alert_id: str, orders: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """The reply to an accepted alert, rebuilt from its journaled orders (Journal.order_results)."""
+    results = []
+    for o in orders:
+        detail = o.get("detail") or {}
+        result = OrderResult(o["status"], o["order_id"], o["error"], o["filled_quantity"], o["average_price"],
+                             detail) if o.get("status") and o["status"] != "skipped" else None
+        entry = result_entry(o["route"], o["plugin"], result, status=o.get("status") or "queued", order=o["order"],
+                             client_order_id=o["client_order_id"])
+        if o.get("status") == "skipped":
+            entry["reason"] = detail.get("reason")
+        results.append(entry)
+    return json_safe(reply_body(alert_id, results))
 
 
 def json_safe(value: Any) -> Any:
@@ -105,7 +120,7 @@ def _decode(body: bytes, content_type: str) -> str:
         codec = "utf-8-sig"
     try:
         return body.decode(codec)
-    except UnicodeDecodeError:
+    except (UnicodeError, LookupError):  # LookupError: base64, zlib and the like are no text encodings
         raise BadAlert(f"Unparsable body: not {charset[:40]} text") from None
 
 
@@ -271,6 +286,9 @@ class WebhookHandler:
         # Journaled: whatever happens now, the answer is not a 5xx (TradingView would resend).
         try:
             status, body = await self._answer(alert_id, plan, rows, tasks, source)
+        except asyncio.CancelledError:  # the server is going down: resends still learn it was taken
+            reply_future.set_result((202, reply_body(alert_id, [])))
+            raise
         except Exception:
             log.exception("alert %s: building the answer failed; its orders continue", alert_id)
             status, body = 202, reply_body(alert_id, [])

@@ -24,6 +24,7 @@ from fksroute.metrics import Metrics
 from fksroute.plugins.base import OrderRequest, PluginContext
 from fksroute.plugins.http import HttpPlugin
 from fksroute.plugins.paper import PaperPlugin
+from fksroute.webhook import journaled_reply
 from serving import metric, read_ledger, start_daemon, write_routes
 
 ALERT = {"symbol": "BTC/USDT", "action": "buy", "order_type": "market", "quantity": 0.01}
@@ -67,6 +68,7 @@ DEDUP = """
           type: market
           quantity: "{{ alert.quantity }}"
           client_order_id: "{{ alert.coid }}"
+      - {name: switched-off, match: {kind: switched}, enabled: false, to: paper}
       - name: all
         to: paper
 """
@@ -175,6 +177,15 @@ def test_a_client_order_id_from_the_template_is_used_and_never_twice(deduping):
     assert clash.status_code == 422 and "client_order_id was used before" in clash.json()["error"]
     assert [f["client_order_id"] for f in read_ledger(deduping.ledger)].count("mine-1") == 1
     assert deduping.get("/health").json()["journal"]["healthy"] is True
+
+
+def test_the_answer_rebuilt_from_the_journal_is_the_answer_given(deduping):
+    """After a crash before its answer was journaled, a resend is answered from the orders."""
+    for alert in ({**ALERT, "symbol": "REB/USDT"}, {**ALERT, "kind": "custom", "coid": "rebuilt-1"},
+                  {**ALERT, "kind": "switched"}):
+        given = deduping.post(json=alert).json()
+        entry = read_recent(deduping.ledger.parent / "journal.sqlite", alert_id=given["alert_id"])[0]
+        assert journaled_reply(given["alert_id"], entry["orders"]) == given
 
 
 def test_dedup_and_client_order_ids_survive_a_crash(tmp_path):

@@ -117,6 +117,8 @@ content_types = st.sampled_from([
     None, "application/json", "text/plain", "application/json; charset=utf-8", "text/plain; charset=UTF-16",
     "text/plain; charset=latin-1", "application/json; charset=bogus-charset", "application/x-www-form-urlencoded",
     "APPLICATION/JSON", "application/json;charset=", "multipart/form-data; boundary=x", "",
+    "text/plain; charset=base64", "application/json; charset=rot13", "text/plain; charset=idna",
+    'application/json; charset="utf-16-le"', "application/json; charset=zlib",
 ]) | st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7e), max_size=40)
 header_text = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"),
                       max_size=60)
