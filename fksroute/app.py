@@ -16,11 +16,15 @@ from starlette.routing import Route
 
 from fksroute.config import thaw
 from fksroute.daemon import Daemon
-from fksroute.webhook import Reply
+from fksroute.webhook import Reply, json_safe
 
 
 def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> Response:
-    return Response(json.dumps(body, default=str), status, headers=headers, media_type="application/json")
+    try:
+        text = json.dumps(body, default=str, allow_nan=False)
+    except ValueError:  # an overflowed number somewhere: replies are strict JSON all the same
+        text = json.dumps(json_safe(body), default=str)
+    return Response(text, status, headers=headers, media_type="application/json")
 
 
 def _reply(reply: Reply) -> Response:

@@ -152,6 +152,7 @@ class Daemon:
             raise SystemExit(str(exc)) from None
         REDACTOR.secrets = table.secrets
         self.dispatcher = Dispatcher(self.journal, self.metrics, redact=REDACTOR)
+        self.dispatcher.plugin_for = lambda name: self.deployment.plugins.get(name) if self.deployment else None
         self.generation = 1
         try:
             self.deployment = await deploy(table, None, self.generation)

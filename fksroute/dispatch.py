@@ -39,10 +39,12 @@ class Dispatcher:
         self.metrics = metrics
         self.redact = redact
         self.follow_interval = follow_interval
-        self._tails: dict[Lane, asyncio.Task] = {}
+        self._tails: dict[Lane, asyncio.Future] = {}  # a lane's last order: done once it has executed
+        self.plugin_for: Callable[[str], Plugin | None] | None = None  # the plugin by name in the table in force
         self._busy: dict[int, int] = {}  # id(plugin) -> orders in flight
         self._idle: dict[int, asyncio.Event] = {}
         self._background: set[asyncio.Task] = set()
+        self._running: set[asyncio.Task] = set()
         self.unknown_orders = 0  # orders whose outcome nobody knows: the user must look at the venue
 
     def submit(self, request: OrderRequest, plugin: Plugin | None, committed: Awaitable[Any]) -> asyncio.Task:
@@ -53,20 +55,27 @@ class Dispatcher:
                  reconcile: bool) -> asyncio.Task:
         lane = lane_of(request)
         previous = self._tails.get(lane)
+        # The lane is held until this order has been executed, not until its result is on disk:
+        # the next order's journal write then shares a commit with this one's result.
+        executed: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._tails[lane] = executed
         self._hold(plugin)
-        task = asyncio.ensure_future(self._run(request, plugin, previous, committed, reconcile))
-        self._tails[lane] = task
+        task = asyncio.ensure_future(self._run(request, plugin, previous, committed, reconcile, executed))
+        self._running.add(task)
 
         def done(t: asyncio.Task) -> None:
-            if self._tails.get(lane) is t:
+            self._running.discard(t)
+            if not executed.done():
+                executed.set_result(None)
+            if self._tails.get(lane) is executed:
                 del self._tails[lane]
             self._release(plugin)
 
         task.add_done_callback(done)
         return task
 
-    async def _run(self, request: OrderRequest, plugin: Plugin | None, previous: asyncio.Task | None,
-                   committed: Awaitable[Any], reconcile: bool) -> OrderResult:
+    async def _run(self, request: OrderRequest, plugin: Plugin | None, previous: asyncio.Future | None,
+                   committed: Awaitable[Any], reconcile: bool, executed: asyncio.Future) -> OrderResult:
         if previous is not None:
             await asyncio.wait([previous])  # its failure is its own; order is all we keep
         await committed  # JournalError here: the alert was never accepted, nothing is sent
@@ -75,15 +84,19 @@ class Dispatcher:
         elif plugin is None:
             result = OrderResult(FAILED, error=f"plugin {request.plugin!r} is not configured")
         else:
-            await self._retry_journal(lambda: self.journal.mark_sent(request.client_order_id))
+            if not getattr(plugin, "resend_safe", False):
+                # A plugin that could execute an id twice needs to know, after a crash, that it was sent.
+                await self._retry_journal(lambda: self.journal.mark_sent(request.client_order_id))
             result = await self._execute(request, plugin)
+        executed.set_result(None)
         await self._retry_journal(lambda: self.journal.record_result(request.client_order_id, result))
         self._count(request, result)
-        log.info("order %s route=%s plugin=%s symbol=%s: %s%s", request.client_order_id, request.route,
-                 request.plugin, request.order.get("symbol"), result.status,
+        log.info("alert %s order %s route=%s plugin=%s %s %s %s: %s%s", request.alert_id, request.client_order_id,
+                 request.route, request.plugin, request.order.get("side"), request.order.get("quantity"),
+                 request.order.get("symbol"), result.status,
                  f" ({result.error})" if result.error else "")
-        if result.status == PLACED and plugin is not None:
-            self.follow(request, plugin)
+        if result.status in (PLACED, UNKNOWN) and plugin is not None:
+            self.follow(request, plugin, result.status)
         return result
 
     async def _execute(self, request: OrderRequest, plugin: Plugin) -> OrderResult:
@@ -140,29 +153,35 @@ class Dispatcher:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    # --- placed orders: follow until final ----------------------------------------------------
+    # --- placed (or unknown) orders: follow until final ----------------------------------------------------
 
-    def follow(self, request: OrderRequest, plugin: Plugin) -> None:
-        task = asyncio.ensure_future(self._follow(request, plugin))
+    def follow(self, request: OrderRequest, plugin: Plugin, status: str = PLACED) -> None:
+        task = asyncio.ensure_future(self._follow(request, plugin, status))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _follow(self, request: OrderRequest, plugin: Plugin) -> None:
+    async def _follow(self, request: OrderRequest, plugin: Plugin, status: str) -> None:
+        """Ask the venue about a placed (or unknown) order until it is final; a reload may have
+        replaced the plugin instance meanwhile, so the one in force is asked."""
         loop = asyncio.get_running_loop()
         until = loop.time() + FOLLOW_FOR
         interval = self.follow_interval
         while loop.time() < until:
             await asyncio.sleep(interval)
             interval = min(interval * 1.5, FOLLOW_MAX_INTERVAL)
+            current = (self.plugin_for(request.plugin) if self.plugin_for else None) or plugin
             try:
-                found = await asyncio.wait_for(plugin.lookup(request), LOOKUP_TIMEOUT)
+                found = await asyncio.wait_for(current.lookup(request), LOOKUP_TIMEOUT)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.debug("follow-up of %s: %s", request.client_order_id, self.redact(str(exc)))
                 continue
-            if found is not None and found.status != PLACED:
+            if found is not None and found.status not in (PLACED, UNKNOWN):
                 await self._retry_journal(lambda: self.journal.record_result(request.client_order_id, found))
+                if status == UNKNOWN:
+                    self.unknown_orders -= 1
+                    self.metrics.unknown_orders.set(self.unknown_orders)
                 self._count(request, found)
                 log.info("order %s is now %s", request.client_order_id, found.status)
                 return
@@ -214,7 +233,7 @@ class Dispatcher:
 
     async def drain(self, timeout: float) -> bool:
         """Let in-flight orders finish (bounded); True when all did."""
-        pending = [t for t in self._tails.values() if not t.done()]
+        pending = [t for t in self._running if not t.done()]
         if pending:
             _, still = await asyncio.wait(pending, timeout=timeout)
             if still:

@@ -82,10 +82,21 @@ class Template:
     compiled: jinja2.Template
 
     def render(self, variables: Mapping[str, Any]) -> Any:
+        """Render with `variables` (the names a template sees)."""
+        return self.render_shared(with_globals(variables))
+
+    def render_shared(self, names: dict[str, Any]) -> Any:
+        """Render with names from `with_globals`, used as they are: no copy per template."""
+        compiled = self.compiled
         try:
-            return self.compiled.render(variables)
+            return _native_concat(compiled.root_render_func(compiled.new_context(names, shared=True)))
         except Exception as exc:  # any template failure is the alert's problem, never a crash
             raise TransformError(_explain(exc)) from None
+
+
+def with_globals(variables: Mapping[str, Any]) -> dict[str, Any]:
+    """Jinja's globals plus `variables`, built once per alert and shared by all its templates."""
+    return {**ENVIRONMENT.globals, **variables}
 
 
 def compile_template(source: str) -> Template:
@@ -101,7 +112,7 @@ class OrderTemplate:
 
     def render(self, variables: Mapping[str, Any]) -> dict[str, Any]:
         """Render every leaf; a leaf that renders to None is left out of the order."""
-        return _render(self.tree, variables, ())
+        return _render(self.tree, with_globals(variables), ())
 
 
 def compile_order(tree: Any, path: tuple = ()) -> Any:
@@ -128,7 +139,7 @@ class OrderTemplateError(ValueError):
 def _render(node: Any, variables: Mapping[str, Any], path: tuple) -> Any:
     if isinstance(node, Template):
         try:
-            return node.render(variables)
+            return node.render_shared(variables)
         except TransformError as exc:
             where = ".".join(str(p) for p in path) or "order"
             raise TransformError(f"order.{where}: {exc}") from None

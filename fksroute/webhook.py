@@ -60,7 +60,7 @@ def journaled_reply(alert_id: str, orders: list[Mapping[str, Any]]) -> dict[str,
         if o.get("status") == "skipped":
             entry["reason"] = detail.get("reason")
         results.append(entry)
-    return json_safe(reply_body(alert_id, results))
+    return reply_body(alert_id, results)
 
 
 def json_safe(value: Any) -> Any:
@@ -315,7 +315,7 @@ class WebhookHandler:
             else:
                 results.append(result_entry(planned.route, planned.plugin, None, status="queued",
                                             order=planned.order, client_order_id=coid))
-        body = json_safe(reply_body(alert_id, results))
+        body = reply_body(alert_id, results)
         status = 202 if asynchronous and tasks else 200
         label = None
         if tasks:
@@ -326,8 +326,9 @@ class WebhookHandler:
             metric = f"skipped_{label}" if label else "skipped"
         daemon.metrics.alert(metric)
         daemon.journal.finish_alert(alert_id, status, body, outcome, reason=label, wait=False)
-        log.info("alert %s from %s: %s routes=%s %s", alert_id, source, status, plan.routes,
-                 [r["status"] for r in results])
+        # Each executed order has its own line (dispatch); this one matters when nothing ran.
+        log.log(logging.DEBUG if tasks else logging.INFO, "alert %s from %s: %s routes=%s %s", alert_id, source,
+                status, plan.routes, [r["status"] for r in results])
         return status, body
 
     async def _duplicate(self, seen: Any, key: str, stored: str, source: str | None) -> Reply:

@@ -249,3 +249,36 @@ def test_an_order_on_a_connection_the_agent_dropped_goes_through(certs, incoming
         agent.kill()
         agent.wait()
     assert len(lines(incoming)) == 1
+
+
+def test_the_dispatcher_follows_an_unknown_order_until_the_agent_reports_its_fill(certs, incoming, tmp_path):
+    from fksroute.dispatch import Dispatcher
+    from fksroute.journal import Journal
+    from fksroute.metrics import Metrics
+
+    async def scenario():
+        journal = Journal(tmp_path / "journal.sqlite")
+        journal.open()
+        dispatcher = Dispatcher(journal, Metrics(), follow_interval=0.2)
+        with running_agent(SlowNinjaTrader(incoming, delay=1.0), certs) as server:
+            plugin = ninja(certs, server.port, tmp_path, timeout=0.3)
+            order = request("fks-9")
+            row = (order.client_order_id, order.route, order.plugin, dict(order.order), "pending", None, None)
+            committed = journal.record_alert(order.alert_id, source="test", body="{}", outcome="accepted",
+                                             orders=[row])
+            result = await dispatcher.submit(order, plugin, committed)
+            assert result.status == "unknown" and dispatcher.unknown_orders == 1
+            (incoming.parent / "outgoing" / "fks-9.txt").write_text("FILLED;1;5012.25")
+            for _ in range(50):
+                final = (await journal.order_results(order.alert_id))[0]
+                if final["status"] == "filled":
+                    break
+                await asyncio.sleep(0.1)
+            assert (final["status"], final["filled_quantity"], final["average_price"]) == ("filled", 1, 5012.25)
+            assert dispatcher.unknown_orders == 0
+            assert len(lines(incoming)) == 1  # followed, never placed again
+            await dispatcher.close()
+            await plugin.close()
+        journal.close()
+
+    asyncio.run(scenario())
