@@ -20,7 +20,7 @@ from fksroute.cli import build_parser
 from fksroute.plugins.agent import Mt5Plugin
 from fksroute.plugins.base import OrderRequest
 
-DOCS = Path(__file__).parent.parent / "docs" / "agents.md"
+README = Path(__file__).parent.parent / "README.md"
 
 
 def test_certs_makes_every_file_and_keeps_existing_ones(tmp_path, capsys):
@@ -148,8 +148,9 @@ def test_metatrader5_is_imported_only_when_the_mt5_agent_starts():
     ({"symbol": "FX:EURUSD", "action": "sell", "quantity": 0.1, "stop_loss": 1.12}, "mt5",
      {"symbol": "EURUSD", "side": "sell", "type": "market", "quantity": 0.1, "stop_loss": 1.12}),
 ])
-def test_the_routes_example_in_the_docs_routes_futures_and_forex(tmp_path, alert, plugin, order):
-    example = re.search(r"## 5\..*?```yaml\n(.*?)```", DOCS.read_text(), re.S).group(1)
+def test_the_routes_example_in_the_readme_routes_futures_and_forex(tmp_path, alert, plugin, order):
+    example = re.search(r"### 5\. routes\.yaml: futures to NinjaTrader.*?```yaml\n(.*?)```", README.read_text(),
+                        re.S).group(1)
     (tmp_path / "routes.yaml").write_text(example)
     done = subprocess.run([sys.executable, "-m", "fksroute", "route", "-c", str(tmp_path / "routes.yaml"),
                            json.dumps(alert)], capture_output=True, text=True, timeout=30)

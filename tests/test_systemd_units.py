@@ -16,7 +16,8 @@ ROOT = Path(__file__).parent.parent
 UNITS = ROOT / "systemd"
 SERVICE = UNITS / "fksroute.service"
 SOCKET = UNITS / "fksroute.socket"
-INSTALLED_BINARY = "/opt/fksroute/bin/fksroute"  # where docs/systemd.md installs the console script
+README = ROOT / "README.md"
+INSTALLED_BINARY = "/opt/fksroute/bin/fksroute"  # where the README's systemd installation puts the console script
 
 needs_analyze = pytest.mark.skipif(
     shutil.which("systemd-analyze") is None,
@@ -63,7 +64,7 @@ def test_units_verify(tmp_path: Path) -> None:
 def test_commands_use_the_documented_install_path() -> None:
     assert service_setting("ExecStart") == f"{INSTALLED_BINARY} serve"
     assert service_setting("ExecReload") == f"{INSTALLED_BINARY} reload"
-    assert INSTALLED_BINARY in (ROOT / "docs" / "systemd.md").read_text()
+    assert INSTALLED_BINARY in README.read_text()
 
 
 @pytest.mark.parametrize(("key", "value"), [
@@ -129,20 +130,20 @@ def test_socket_takes_port_443_and_the_loopback_admin_port() -> None:
 
 
 @needs_analyze
-def test_security_score_matches_the_docs() -> None:
+def test_security_score_matches_the_readme() -> None:
     done = subprocess.run(["systemd-analyze", "security", "--offline=true", str(SERVICE)],
                           capture_output=True, text=True, timeout=60)
     found = re.search(r"Overall exposure level for fksroute\.service: (\d+\.\d)", done.stdout)
     assert found, done.stdout + done.stderr
     score = found.group(1)
-    docs = (ROOT / "docs" / "systemd.md").read_text()
+    readme = README.read_text()
     version = subprocess.run(["systemd-analyze", "--version"], capture_output=True, text=True).stdout.split()[1]
-    # Other systemd versions weigh other checks; the docs give the score of the version they name.
-    if f"(systemd {version}," not in docs:
-        pytest.skip(f"docs/systemd.md gives the score of another systemd version than {version} ({score} here)")
+    # Other systemd versions weigh other checks; the README gives the score of the version it names.
+    if f"(systemd {version}," not in readme:
+        pytest.skip(f"README.md gives the score of another systemd version than {version} ({score} here)")
     # Only network access is left: PrivateNetwork= and an IP allow list cannot be had by an order router.
     assert float(score) <= 1.1
-    assert f"exposure level for fksroute.service: {score}" in docs
+    assert f"exposure level for fksroute.service: {score}" in readme
 
 
 PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 65, 1
