@@ -60,7 +60,7 @@ _FORWARDING_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
 
 
 def admin_allowed(peer: str | None, headers: Mapping[str, str], admin_token: str | None) -> bool:
-    """May this request use an admin endpoint (POST /-/reload)? Yes from this host itself, or with
+    """May this request use an admin endpoint (POST /-/reload, /routes, /metrics)? Yes from this host itself, or with
     `Authorization: Bearer <security.admin_token>`. A request a local reverse proxy forwarded
     arrives from loopback too, so loopback counts only when no forwarding header is present."""
     if _is_loopback(peer) and not any(name in headers for name in _FORWARDING_HEADERS):
@@ -100,7 +100,13 @@ def create_app(daemon: Daemon, lifespan: Callable[[Starlette], Any] | None = Non
             return PlainTextResponse("ready\n")
         return PlainTextResponse("stopping\n" if daemon.stopping else "not ready\n", 503)
 
+    def admin(request: Request) -> bool:
+        token = daemon.deployment.table.security.admin_token if daemon.deployment else None
+        return admin_allowed(request.client.host if request.client else None, request.headers, token)
+
     async def routes(request: Request) -> Response:
+        if not admin(request):  # the table names plugins, accounts and routes: not for the internet
+            return _json(403, {"error": "/routes is allowed from loopback or with the admin token"})
         deployment = daemon.deployment
         if deployment is None:
             return _json(503, {"error": "no table in force"})
@@ -115,12 +121,13 @@ def create_app(daemon: Daemon, lifespan: Callable[[Starlette], Any] | None = Non
         })
 
     async def metrics(request: Request) -> Response:
+        if not admin(request):
+            return _json(403, {"error": "/metrics is allowed from loopback or with the admin token"})
         body, content_type = daemon.metrics.render()
         return Response(body, 200, media_type=content_type)
 
     async def reload(request: Request) -> Response:
-        token = daemon.deployment.table.security.admin_token if daemon.deployment else None
-        if not admin_allowed(request.client.host if request.client else None, request.headers, token):
+        if not admin(request):
             return _json(403, {"ok": False, "errors": ["reload is allowed from loopback or with the admin token"]})
         if daemon.stopping:
             return _json(503, {"ok": False, "errors": ["fksroute is stopping"]})

@@ -362,6 +362,11 @@ def test_admin_authorisation_through_starlette(tmp_path: Path, journal: Path) ->
         assert client.post("/-/reload", headers={"Authorization": "Bearer nope"}).status_code == 403
         reply = client.post("/-/reload", headers={"Authorization": "bearer s3cret-admin"})
         assert reply.status_code == 200 and reply.json()["version"] == table.version
+        # The table and the metrics are admin pages too; health and the probes are for anyone.
+        for path in ("/routes", "/metrics"):
+            assert client.get(path).status_code == 403
+            assert client.get(path, headers={"Authorization": "Bearer s3cret-admin"}).status_code == 200
+        assert client.get("/-/healthy").status_code == 200
 
     assert admin_allowed("127.0.0.1", {}, None) and admin_allowed("::1", {}, None)
     assert not admin_allowed("127.0.0.1", {"x-forwarded-for": "198.51.100.4"}, None)
