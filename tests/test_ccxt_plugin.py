@@ -10,7 +10,7 @@ import pytest
 from binance_imitation import BinanceImitation, SpotSymbol, imitation, plugin_settings  # noqa: F401
 
 from fksroute.plugins.base import OrderRequest, PluginContext
-from fksroute.plugins.ccxt import CcxtPlugin, CcxtSettings, linked_client_order_id
+from fksroute.plugins.ccxt import CcxtPlugin, CcxtSettings
 
 ALERTS = Path(__file__).parent / "alerts"
 ROOT = Path(__file__).parent.parent
@@ -265,13 +265,6 @@ def test_market_symbols_are_the_loaded_ones(imitation):
     before, after = asyncio.run(scenario())
     assert before == []
     assert sorted(after) == ["BTC/USDT", "ETH/BTC", "ETH/USDT"]
-
-
-def test_linked_client_order_ids_stay_short_and_distinct():
-    cid = "fks" + "0123456789abcdef" * 2
-    assert linked_client_order_id(cid[:32], "stop_loss") == cid[:30] + "sl"
-    assert linked_client_order_id("fks-1", "take_profit") == "fks-1-tp"
-    assert linked_client_order_id(cid[:32], "stop_loss") != linked_client_order_id(cid[:32], "take_profit")
 
 
 def test_settings_defaults_are_the_schema_defaults():

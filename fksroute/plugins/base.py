@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Collection, Mapping, Protocol, runtime_checkable
+from typing import Any, Collection, Mapping, Protocol, TypeVar, runtime_checkable
 
 # Result statuses a plugin may return; `skipped` and `queued` are set by the dispatcher only.
 FILLED = "filled"
@@ -14,6 +16,8 @@ DRY_RUN = "dry_run"
 FAILED = "failed"
 UNKNOWN = "unknown"
 SUCCESS_STATUSES = frozenset({FILLED, PLACED, DRY_RUN, "skipped", "queued"})
+
+Settings = TypeVar("Settings")
 
 
 @dataclass(frozen=True)
@@ -89,3 +93,25 @@ def market_symbols(plugin: object) -> Collection[str]:
     """The venue's own symbols, where the plugin knows them (ccxt after load_markets)."""
     getter = getattr(plugin, "market_symbols", None)
     return getter() if callable(getter) else ()
+
+
+def settings_from_mapping(cls: type[Settings], settings: Mapping[str, Any]) -> Settings:
+    """The settings dataclass `cls` built from the entries of `settings` that name its fields (the
+    routes.yaml mapping, already validated against the plugin's schema; `type` and the like are dropped)."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in settings.items() if k in names})
+
+
+def backoff_delay(retry: int, base: float, cap: float) -> float:
+    """The pause before retry number `retry` (1, 2, ...): `base`, doubled on each retry, at most `cap`."""
+    return min(base * 2.0 ** min(retry - 1, 64), cap)  # the bound keeps a long outage from overflowing
+
+
+async def back_off(retry: int, base: float, cap: float, deadline: float) -> bool:
+    """Sleep the backoff before retry `retry`; False, without sleeping, when that would reach `deadline`
+    (a time.monotonic() value)."""
+    delay = backoff_delay(retry, base, cap)
+    if time.monotonic() + delay >= deadline:
+        return False
+    await asyncio.sleep(delay)
+    return True

@@ -1,7 +1,8 @@
 """The `ccxt` plugin: orders on crypto exchanges through ccxt.async_support, checked against the market first.
 
-ccxt is imported here only: it is slow to import, and the daemon loads this module only when a
-`ccxt` plugin is configured.
+The checks against the market are in `markets`, the circuit breaker in `breaker`; this module talks
+to the exchange. ccxt is imported here (and lazily in `markets`): it is slow to import, and the daemon
+loads this module only when a `ccxt` plugin is configured.
 """
 
 from __future__ import annotations
@@ -11,24 +12,18 @@ import enum
 import re
 import socket
 import time
-from dataclasses import dataclass, field, fields, replace
-from decimal import Decimal
-from typing import Any, Awaitable, Callable, Mapping, TypeVar
+from dataclasses import dataclass, field, replace
+from typing import Any, Awaitable, Mapping, TypeVar
 
 import aiohttp
 import ccxt.async_support as ccxt_async
 
 from fksroute.plugins.base import (DRY_RUN, FAILED, FILLED, PLACED, UNKNOWN, OrderRequest, OrderResult,
-                                   PluginContext)
-from fksroute.symbols import tv_symbol
+                                   PluginContext, back_off, settings_from_mapping)
+from fksroute.plugins.breaker import CIRCUIT_OPEN, CircuitBreaker
+from fksroute.plugins.markets import MarketRefusal, OrderCall, plain, plan_order, wants_reference_price
 
 T = TypeVar("T")
-
-CIRCUIT_OPEN = "circuit_open"
-# exchange-specific spellings of a client order id: ccxt would send one of these instead of ours
-CLIENT_ID_PARAMS = frozenset({"clientOrderId", "newClientOrderId", "clientOid", "clOrdId", "orderLinkId",
-                              "clientAlgoId"})
-LINKED_ID_MAX = 32  # the shortest client order id limit among the big exchanges (OKX); Binance allows 36
 
 
 @dataclass(frozen=True)
@@ -55,92 +50,9 @@ class CcxtSettings:
     @classmethod
     def from_mapping(cls, settings: Mapping[str, Any]) -> "CcxtSettings":
         """Build from the routes.yaml mapping (already validated against the plugin schema)."""
-        names = {f.name for f in fields(cls)}
-        values = {k: v for k, v in settings.items() if k in names}
         breaker = settings.get("circuit_breaker") or {}
-        if "failures" in breaker:
-            values["circuit_failures"] = breaker["failures"]
-        if "cooldown" in breaker:
-            values["circuit_cooldown"] = breaker["cooldown"]
-        return cls(**values)
-
-
-class CircuitBreaker:
-    """Opens after `threshold` consecutive failures, then lets one trial through once `cooldown` has passed."""
-
-    def __init__(self, threshold: int, cooldown: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.threshold = threshold
-        self.cooldown = cooldown
-        self.failures = 0
-        self._clock = clock
-        self._opened_at: float | None = None
-        self._trial = False
-
-    @property
-    def state(self) -> str:
-        """closed, open (failing fast) or half_open (a trial is due or running)."""
-        if self._opened_at is None:
-            return "closed"
-        if self._trial or self._clock() - self._opened_at >= self.cooldown:
-            return "half_open"
-        return "open"
-
-    def allow(self) -> bool:
-        """Whether a call may go to the venue now; in half_open only the first caller gets through."""
-        if self._opened_at is None:
-            return True
-        if self._trial or self._clock() - self._opened_at < self.cooldown:
-            return False
-        self._trial = True
-        return True
-
-    def succeeded(self) -> None:
-        self.failures = 0
-        self._opened_at = None
-        self._trial = False
-
-    def failed(self) -> None:
-        self.failures += 1
-        self._trial = False
-        if self.failures >= self.threshold:
-            self._opened_at = self._clock()
-
-    def released(self) -> None:
-        """The call taught nothing about the venue (refused before sending, dry run)."""
-        self._trial = False
-
-
-class MarketRefusal(Exception):
-    """The order breaks a market rule; the message names the rule, and nothing was sent."""
-
-
-@dataclass(frozen=True)
-class OrderCall:
-    """One `create_order` call, exactly as it is (or in a dry run would be) sent."""
-
-    symbol: str
-    type: str
-    side: str
-    amount: float
-    price: float | None
-    params: Mapping[str, Any]
-
-    @property
-    def client_order_id(self) -> str:
-        return self.params["clientOrderId"]
-
-    def as_json(self) -> dict[str, Any]:
-        return {"method": "create_order", "symbol": self.symbol, "type": self.type, "side": self.side,
-                "amount": self.amount, "price": self.price, "params": _plain(self.params)}
-
-
-@dataclass(frozen=True)
-class OrderPlan:
-    """The entry order and the stop-loss/take-profit orders to place once the entry is accepted."""
-
-    entry: OrderCall
-    linked: tuple[tuple[str, OrderCall], ...] = ()
-    reference_price: float | None = None
+        flat = {**settings, **{f"circuit_{k}": breaker[k] for k in ("failures", "cooldown") if k in breaker}}
+        return settings_from_mapping(cls, flat)
 
 
 class Found(enum.Enum):
@@ -175,7 +87,7 @@ def build_exchange(settings: CcxtSettings) -> Any:
     """A ccxt.async_support exchange for `settings`, in sandbox mode when `testnet` (no I/O happens here)."""
     if settings.exchange not in ccxt_async.exchanges:
         raise ValueError(f"ccxt has no exchange named {settings.exchange!r}")
-    config = _plain(settings.ccxt)
+    config = plain(settings.ccxt)
     config.setdefault("timeout", int(settings.timeout * 1000))
     config.setdefault("enableRateLimit", True)
     for key, value in (("apiKey", settings.api_key), ("secret", settings.secret),
@@ -192,148 +104,6 @@ def build_exchange(settings: CcxtSettings) -> Any:
             raise ValueError(f"{settings.exchange} has no testnet in ccxt ({type(e).__name__}); "
                              "set testnet: false and point ccxt.urls at a test server") from e
     return exchange
-
-
-def plan_order(exchange: Any, order: Mapping[str, Any], client_order_id: str,
-               reference_price: float | None = None) -> OrderPlan:
-    """Check `order` against its market and round it; raise MarketRefusal naming the broken limit."""
-    symbol = order["symbol"]
-    market = (exchange.markets or {}).get(symbol)
-    if market is None:
-        guess = tv_symbol(symbol, exchange.symbols or ())
-        hint = f" (did you mean {guess}? the tv_symbol filter converts TradingView tickers)" if (
-            guess != symbol and guess in exchange.markets) else ""
-        raise MarketRefusal(f"symbol {symbol} is not a market on {exchange.id}{hint}")
-    if market.get("active") is False:
-        raise MarketRefusal(f"market {symbol} is not active on {exchange.id}")
-    kind = order.get("type", "market")
-    side = order["side"]
-    limits = market.get("limits") or {}
-    amount = _amount(exchange, market, order["quantity"])
-    _check_range(amount, limits.get("amount"), "amount", symbol, "quantity")
-    if kind in ("market", "stop"):
-        _check_range(amount, limits.get("market"), "market order amount", symbol, "quantity", "market")
-    price = _price(exchange, market, order.get("price"), "price") if kind in ("limit", "stop_limit") else None
-    stop = _price(exchange, market, order.get("stop_price"), "stop_price") if kind in ("stop", "stop_limit") else None
-    reference = price or stop or order.get("price") or reference_price
-    if reference is not None:
-        _check_cost(amount, reference, limits.get("cost"), market, symbol)
-
-    params = {k: v for k, v in (order.get("params") or {}).items() if k not in CLIENT_ID_PARAMS}
-    params["clientOrderId"] = client_order_id
-    if stop is not None:
-        params["triggerPrice"] = stop
-    if order.get("post_only"):
-        if kind not in ("limit", "stop_limit"):
-            raise MarketRefusal(f"post_only needs a limit order, not {kind}")
-        params["postOnly"] = True
-    elif order.get("time_in_force") and kind in ("limit", "stop_limit"):
-        # a market order has nothing to keep in force, and Binance rejects timeInForce on one
-        params["timeInForce"] = order["time_in_force"]
-    if order.get("reduce_only"):
-        if not market.get("contract"):
-            raise MarketRefusal(f"reduce_only is not available on the {market.get('type')} market {symbol}")
-        params["reduceOnly"] = True
-
-    protect = {role: _price(exchange, market, order.get(role), role) for role in ("stop_loss", "take_profit")
-               if order.get(role) is not None}
-    if reference is not None:
-        _check_sides(protect, side, float(reference))
-    entry_type = "limit" if kind in ("limit", "stop_limit") else "market"
-    linked: list[tuple[str, OrderCall]] = []
-    if protect and exchange.has.get("createOrderWithTakeProfitAndStopLoss"):
-        if "stop_loss" in protect:
-            params["stopLoss"] = {"triggerPrice": protect["stop_loss"]}
-        if "take_profit" in protect:
-            params["takeProfit"] = {"triggerPrice": protect["take_profit"]}
-    else:
-        opposite = "sell" if side == "buy" else "buy"
-        for role, trigger in protect.items():
-            linked_params: dict[str, Any] = {"clientOrderId": linked_client_order_id(client_order_id, role),
-                                             _TRIGGER_PARAM[role]: trigger}
-            if market.get("contract"):
-                linked_params["reduceOnly"] = True
-            linked.append((role, OrderCall(symbol, "market", opposite, amount, None, linked_params)))
-    entry = OrderCall(symbol, entry_type, side, amount, price, params)
-    return OrderPlan(entry, tuple(linked), None if reference is None else float(reference))
-
-
-_TRIGGER_PARAM = {"stop_loss": "stopLossPrice", "take_profit": "takeProfitPrice"}
-
-
-def linked_client_order_id(client_order_id: str, role: str) -> str:
-    """The client order id of the stop-loss (`sl`) or take-profit (`tp`) order linked to an entry."""
-    tag = {"stop_loss": "sl", "take_profit": "tp"}[role]
-    suffix = tag if client_order_id.isalnum() else "-" + tag
-    return client_order_id[: LINKED_ID_MAX - len(suffix)] + suffix
-
-
-def _amount(exchange: Any, market: Mapping[str, Any], quantity: float) -> float:
-    try:
-        return float(exchange.amount_to_precision(market["symbol"], quantity))
-    except ccxt_async.BaseError:
-        step = (market.get("precision") or {}).get("amount")
-        raise MarketRefusal(f"quantity {_show(quantity)} rounds to zero at the amount precision {_show(step)} "
-                            f"of {market['symbol']} (precision.amount)") from None
-
-
-def _price(exchange: Any, market: Mapping[str, Any], value: float | None, name: str) -> float:
-    if value is None:
-        raise MarketRefusal(f"{name} is required for this order type")
-    try:
-        rounded = float(exchange.price_to_precision(market["symbol"], value))
-    except ccxt_async.BaseError:
-        rounded = 0.0
-    if rounded <= 0:
-        tick = (market.get("precision") or {}).get("price")
-        raise MarketRefusal(f"{name} {_show(value)} rounds to zero at the price precision {_show(tick)} of "
-                            f"{market['symbol']} (precision.price)")
-    _check_range(rounded, (market.get("limits") or {}).get("price"), "price", market["symbol"], name)
-    return rounded
-
-
-def _check_range(value: float, limit: Mapping[str, Any] | None, what: str, symbol: str, name: str,
-                 key: str | None = None) -> None:
-    low, high = (limit or {}).get("min"), (limit or {}).get("max")
-    path = f"limits.{key or what}"
-    if low is not None and value < low:
-        raise MarketRefusal(f"{name} {_show(value)} is below the minimum {what} {_show(low)} of {symbol} "
-                            f"({path}.min)")
-    if high is not None and value > high:
-        raise MarketRefusal(f"{name} {_show(value)} is above the maximum {what} {_show(high)} of {symbol} "
-                            f"({path}.max)")
-
-
-def _check_cost(amount: float, price: float, limit: Mapping[str, Any] | None, market: Mapping[str, Any],
-                symbol: str) -> None:
-    cost = Decimal(str(amount)) * Decimal(str(price))
-    low, high = (limit or {}).get("min"), (limit or {}).get("max")
-    quote = market.get("quote") or ""
-    shown = f"order cost {_show(cost)} {quote} (quantity {_show(amount)} at {_show(price)})"
-    if low is not None and cost < Decimal(str(low)):
-        raise MarketRefusal(f"{shown} is below the minimum cost {_show(low)} {quote} of {symbol} (limits.cost.min)")
-    if high is not None and cost > Decimal(str(high)):
-        raise MarketRefusal(f"{shown} is above the maximum cost {_show(high)} {quote} of {symbol} (limits.cost.max)")
-
-
-def _check_sides(protect: Mapping[str, float], side: str, reference: float) -> None:
-    """A stop loss on the wrong side of the entry would trigger at once: refuse it."""
-    below = {"buy": "stop_loss", "sell": "take_profit"}[side]
-    for role, trigger in protect.items():
-        wanted_below = role == below
-        if (trigger >= reference) if wanted_below else (trigger <= reference):
-            where = "below" if wanted_below else "above"
-            raise MarketRefusal(f"{role} {_show(trigger)} must be {where} the entry price {_show(reference)} "
-                                f"for a {side}")
-
-
-def _plain(value: Any) -> Any:
-    """A deep copy made of dicts, lists and scalars (settings may arrive as read-only mappings)."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 def _never_reached(error: BaseException) -> bool:
@@ -461,13 +231,8 @@ class CcxtPlugin:
 
     async def _reference_price(self, order: Mapping[str, Any], deadline: float) -> tuple[float | None, str | None]:
         """A last price to check the cost and the stop sides of a market order that carries no price."""
-        if order.get("type", "market") != "market" or order.get("price") is not None:
+        if not wants_reference_price(self._exchange.markets or {}, order):
             return None, None
-        market = (self._exchange.markets or {}).get(order["symbol"]) or {}
-        cost = (market.get("limits") or {}).get("cost") or {}
-        protected = order.get("stop_loss") is not None or order.get("take_profit") is not None
-        if not market or (cost.get("min") is None and cost.get("max") is None and not protected):
-            return None, None  # nothing to check it against
         if not self._exchange.has.get("fetchTicker"):
             return None, "the exchange has no ticker"
         try:
@@ -537,7 +302,8 @@ class CcxtPlugin:
         maybe_sent = doubted = False
         last_error = ""
         for attempt in range(self.settings.retries + 1):
-            if attempt and not await self._pause(attempt, deadline):
+            if attempt and not await back_off(attempt, self.settings.retry_backoff,
+                                              self.settings.retry_backoff_max, deadline):
                 break
             if maybe_sent:
                 state, found = await self._look_up(call, deadline, attempts)
@@ -645,14 +411,6 @@ class CcxtPlugin:
         """Await within what is left of the order's time (each request is also bounded by ccxt's timeout)."""
         return await asyncio.wait_for(awaitable, max(deadline - time.monotonic(), 0.001))
 
-    async def _pause(self, attempt: int, deadline: float) -> bool:
-        """Back off before attempt `attempt`; False when the order's time is up."""
-        delay = min(self.settings.retry_backoff * 2 ** (attempt - 1), self.settings.retry_backoff_max)
-        if time.monotonic() + delay >= deadline:
-            return False
-        await asyncio.sleep(delay)
-        return True
-
     def _describe(self, error: BaseException) -> str:
         if isinstance(error, asyncio.TimeoutError):
             return f"no answer within the order's {self.settings.order_timeout}s"
@@ -666,11 +424,6 @@ class CcxtPlugin:
 
 
 _QUERY = re.compile(r"(https?://[^\s?]+)\?\S*")
-
-
-def _show(value: Any) -> str:
-    """A number as a trader writes it: 0.00005, not 5e-05; 60000, not 60000.0."""
-    return f"{Decimal(str(value)).normalize():f}"
 
 
 def _float(value: Any) -> float | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
@@ -13,7 +13,7 @@ import httpx
 
 from fksroute.signing import SIGNATURE_HEADER, sign
 from fksroute.plugins.base import (DRY_RUN, FAILED, FILLED, PLACED, UNKNOWN, OrderRequest, OrderResult,
-                                   PluginContext)
+                                   PluginContext, back_off, settings_from_mapping)
 
 RETRY_STATUSES = frozenset({429}) | frozenset(range(500, 600))
 REPLY_STATUSES = frozenset({FILLED, PLACED, DRY_RUN})
@@ -34,8 +34,7 @@ class HttpSettings:
 
     @classmethod
     def from_mapping(cls, settings: Mapping[str, Any]) -> "HttpSettings":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in settings.items() if k in names})
+        return settings_from_mapping(cls, settings)
 
 
 def order_body(request: OrderRequest) -> bytes:
@@ -79,7 +78,8 @@ class HttpPlugin:
         error = ""
         attempt = 0
         for attempt in range(1, self.settings.retries + 2):
-            if attempt > 1 and not await self._pause(attempt - 1, deadline):
+            if attempt > 1 and not await back_off(attempt - 1, self.settings.retry_backoff,
+                                                  self.settings.retry_backoff_max, deadline):
                 attempt -= 1
                 break
             try:
@@ -130,13 +130,6 @@ class HttpPlugin:
                                detail=detail)
         return OrderResult(_reply_status(data), order_id, None, _number(data.get("filled_quantity")),
                            _number(data.get("average_price")), detail)
-
-    async def _pause(self, retry: int, deadline: float) -> bool:
-        delay = min(self.settings.retry_backoff * 2 ** (retry - 1), self.settings.retry_backoff_max)
-        if time.monotonic() + delay >= deadline:
-            return False
-        await asyncio.sleep(delay)
-        return True
 
 
 def _json(reply: httpx.Response) -> dict[str, Any]:
