@@ -17,7 +17,8 @@ import rpyc
 from rpyc.core.stream import SocketStream
 from rpyc.utils.factory import connect_stream
 
-from fksroute.plugins.base import FAILED, FILLED, PLACED, UNKNOWN, OrderRequest, OrderResult, PluginContext
+from fksroute.plugins.base import (FAILED, FILLED, PLACED, UNKNOWN, OrderRequest, OrderResult, PluginContext,
+                                   backoff_delay)
 
 DEFAULT_PORT = 18861
 DEFAULT_TIMEOUT = 5.0
@@ -152,7 +153,7 @@ class AgentClient:
 
     def _failed(self, exc: BaseException) -> str:
         self._failures += 1
-        delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self._failures - 1))
+        delay = backoff_delay(self._failures, BACKOFF_FIRST, BACKOFF_MAX)
         self._next_attempt = self._clock() + delay
         self.last_error = f"{type(exc).__name__}: {exc}"
         return self.last_error
