@@ -184,10 +184,11 @@ class Daemon:
             windows.append(table.defaults.dedup_window.total_seconds())
         window = max(windows or [60.0])
         now = time.time()
-        for key, alert_id, received_at, reply in await self.journal.dedup_entries(now - window):
+        for key, alert_id, received_at, status, reply in await self.journal.dedup_entries(now - window):
             if reply is None:  # killed before its answer was journaled: rebuilt from its orders
                 reply = journaled_reply(alert_id, await self.journal.order_results(alert_id))
-            self.dedup.add(key, alert_id, received_at + window - now, settled((200, reply)), now)
+            # A resend gets the first delivery's status too (202 for an async alert).
+            self.dedup.add(key, alert_id, received_at + window - now, settled((status or 200, reply)), now)
 
     def _apply_security(self, table: RoutingTable) -> None:
         s = table.security

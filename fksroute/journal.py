@@ -337,13 +337,13 @@ class Journal:
         return self.run(run)
 
     def dedup_entries(self, since: float) -> asyncio.Future:
-        """(dedup_key, alert id, received_at, reply) of accepted alerts since `since`."""
-        def run(conn: sqlite3.Connection) -> list[tuple[str, str, float, dict | None]]:
+        """(dedup_key, alert id, received_at, HTTP status, reply) of accepted alerts since `since`."""
+        def run(conn: sqlite3.Connection) -> list[tuple[str, str, float, int | None, dict | None]]:
             rows = conn.execute(
-                "SELECT dedup_key, id, received_at, reply FROM alerts WHERE dedup_key IS NOT NULL"
+                "SELECT dedup_key, id, received_at, http_status, reply FROM alerts WHERE dedup_key IS NOT NULL"
                 " AND duplicate_of IS NULL AND outcome = 'accepted' AND received_at >= ? ORDER BY seq",
                 (since,)).fetchall()
-            return [(r[0], r[1], r[2], json.loads(r[3]) if r[3] else None) for r in rows]
+            return [(r[0], r[1], r[2], r[3], json.loads(r[4]) if r[4] else None) for r in rows]
 
         return self.run(run)
 

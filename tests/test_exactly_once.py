@@ -202,6 +202,25 @@ def test_dedup_and_client_order_ids_survive_a_crash(tmp_path):
     assert [f["alert_id"] for f in read_ledger(tmp_path / "fills.jsonl")] == [first["alert_id"]]
 
 
+def test_an_async_alert_resent_after_a_restart_is_answered_like_the_first(tmp_path):
+    routes = write_routes(tmp_path, """
+        version: 1
+        defaults: {ack: async}
+        plugins: {paper: {type: paper, ledger: fills.jsonl}}
+        routes: [{name: all, to: paper}]
+    """)
+    daemon = start_daemon(routes)
+    try:
+        first = daemon.post(json=ALERT)
+        daemon.stop(signal.SIGKILL)
+        daemon = start_daemon(routes)
+        again = daemon.post(json=ALERT)
+    finally:
+        daemon.stop()
+    assert first.status_code == again.status_code == 202
+    assert again.json()["duplicate"] is True and again.json()["alert_id"] == first.json()["alert_id"]
+
+
 # --- ordered lanes and ack: async -------------------------------------------------------------
 
 class Venue:

@@ -178,7 +178,7 @@ def test_dedup_entries_are_accepted_alerts_of_the_window(journal):
         await record(journal, "a2")
         return await journal.dedup_entries(since)
 
-    assert [(key, alert_id) for key, alert_id, _, _ in asyncio.run(main())] == [("k1", "a1")]
+    assert [(key, alert_id) for key, alert_id, _, _, _ in asyncio.run(main())] == [("k1", "a1")]
 
 
 # --- end to end: a journal that cannot write --------------------------------------------------
