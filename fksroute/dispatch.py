@@ -116,12 +116,9 @@ class Dispatcher:
         if plugin is None:
             return OrderResult(UNKNOWN, error=f"outcome unknown: sent before a restart, and plugin "
                                               f"{request.plugin!r} is no longer configured to ask")
-        try:
-            found = await asyncio.wait_for(plugin.lookup(request), LOOKUP_TIMEOUT)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.warning("lookup of %s failed: %s", request.client_order_id, self.redact(str(exc)))
+        found, failure = await self._ask(plugin, request)
+        if failure is not None:
+            log.warning("lookup of %s failed: %s", request.client_order_id, failure)
             return OrderResult(UNKNOWN, error="outcome unknown: sent before a restart and the venue could not be "
                                               "asked; check the venue before resending")
         if found is not None:
@@ -134,6 +131,15 @@ class Dispatcher:
             return await self._execute(request, plugin)
         return OrderResult(UNKNOWN, error="outcome unknown: sent before a restart and not found at the venue; "
                                           "check the venue before resending")
+
+    async def _ask(self, plugin: Plugin, request: OrderRequest) -> tuple[OrderResult | None, str | None]:
+        """The venue's answer about `request` (None: it does not know it), or why it could not be asked."""
+        try:
+            return await asyncio.wait_for(plugin.lookup(request), LOOKUP_TIMEOUT), None
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            return None, self.redact(f"{type(exc).__name__}: {exc}")
 
     def _count(self, request: OrderRequest, result: OrderResult) -> None:
         self.metrics.orders.labels(request.plugin, result.status).inc()
@@ -170,12 +176,9 @@ class Dispatcher:
             await asyncio.sleep(interval)
             interval = min(interval * 1.5, FOLLOW_MAX_INTERVAL)
             current = (self.plugin_for(request.plugin) if self.plugin_for else None) or plugin
-            try:
-                found = await asyncio.wait_for(current.lookup(request), LOOKUP_TIMEOUT)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.debug("follow-up of %s: %s", request.client_order_id, self.redact(str(exc)))
+            found, failure = await self._ask(current, request)
+            if failure is not None:
+                log.debug("follow-up of %s: %s", request.client_order_id, failure)
                 continue
             if found is not None and found.status not in (PLACED, UNKNOWN):
                 await self._retry_journal(lambda: self.journal.record_result(request.client_order_id, found))
