@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import chain, islice
 from typing import Any, Collection, Iterable, Mapping
 
 import jinja2
+from jinja2 import nodes
 from jinja2.nativetypes import NativeEnvironment, NativeTemplate
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
@@ -104,15 +105,71 @@ def compile_template(source: str) -> Template:
     return Template(source, ENVIRONMENT.from_string(source))
 
 
+_ONE_EXPRESSION = re.compile(r"^\{\{(.*)\}\}$", re.DOTALL)
+
+
+def _expression(template: Template) -> str | None:
+    """The EXPR of a template that is nothing but `{{ EXPR }}`, else None."""
+    found = _ONE_EXPRESSION.match(template.source)
+    if found is None:
+        return None
+    body = ENVIRONMENT.parse(template.source).body
+    if len(body) != 1 or not isinstance(body[0], nodes.Output) or len(body[0].nodes) != 1 \
+            or isinstance(body[0].nodes[0], nodes.TemplateData):
+        return None
+    return found.group(1)
+
+
+def _combined(tree: Any) -> jinja2.Template | None:
+    """One template that computes every leaf of a flat order at once, as a list, so an order costs
+    one render instead of one per field. None when some leaf is more than one expression."""
+    if not isinstance(tree, dict):
+        return None
+    expressions = []
+    for value in tree.values():
+        if isinstance(value, Template):
+            expression = _expression(value)
+            if expression is None:
+                return None
+            expressions.append(f"({expression})")
+        elif isinstance(value, (dict, list)):
+            return None
+    if not expressions:
+        return None
+    try:
+        return ENVIRONMENT.from_string("{{ [" + ", ".join(expressions) + "] }}")
+    except jinja2.TemplateSyntaxError:
+        return None
+
+
 @dataclass(frozen=True)
 class OrderTemplate:
     """A route's `order:` mapping with each string leaf compiled."""
 
     tree: Any
+    combined: jinja2.Template | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "combined", _combined(self.tree))
 
     def render(self, variables: Mapping[str, Any]) -> dict[str, Any]:
         """Render every leaf; a leaf that renders to None is left out of the order."""
-        return _render(self.tree, with_globals(variables), ())
+        names = with_globals(variables)
+        if self.combined is not None:
+            try:
+                values = iter(_native_concat(self.combined.root_render_func(
+                    self.combined.new_context(names, shared=True))))
+                out = {}
+                for key, leaf in self.tree.items():
+                    value = next(values) if isinstance(leaf, Template) else leaf
+                    if isinstance(value, jinja2.Undefined):
+                        raise TransformError("undefined")
+                    if value is not None:
+                        out[key] = value
+                return out
+            except Exception:
+                pass  # rendered leaf by leaf below, which names the field that failed
+        return _render(self.tree, names, ())
 
 
 def compile_order(tree: Any, path: tuple = ()) -> Any:

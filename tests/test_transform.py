@@ -4,8 +4,11 @@ from datetime import datetime, timezone
 
 import pytest
 
-from fksroute.transform import (DEFAULT_ORDER, OrderTemplate, OrderTemplateError, TransformError, compile_order,
-                                compile_template, variables)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fksroute.transform import (DEFAULT_ORDER, OrderTemplate, OrderTemplateError, TransformError, _render,
+                                compile_order, compile_template, variables, with_globals)
 
 NOW = datetime(2026, 1, 5, 12, 0, tzinfo=timezone.utc)
 
@@ -73,3 +76,36 @@ def test_default_order_maps_tradingview_names():
 
 def test_single_template():
     assert compile_template("{{ alert.id }}").render({"alert": {"id": "x1"}}) == "x1"
+
+
+alert_values = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.floats(-5, 5, allow_nan=False),
+                         st.text(max_size=5), st.lists(st.integers(), max_size=2))
+alerts = st.dictionaries(st.sampled_from(["symbol", "ticker", "action", "side", "order_type", "type", "quantity",
+                                          "contracts", "price", "stop_loss", "account", "confidence"]),
+                         alert_values, max_size=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(alerts)
+def test_one_render_per_order_agrees_with_leaf_by_leaf(alert):
+    order = OrderTemplate(compile_order({
+        "symbol": "{{ alert.symbol }}", "side": "{{ alert.action | default('buy') }}", "type": "market",
+        "quantity": "{{ alert.quantity | default(alert.contracts) | float }}", "n": 3,
+        "price": "{{ alert.price | default(none) }}", "text": "{{ alert.symbol }}-x"}))
+    for template in (order, DEFAULT_ORDER):
+        names = variables(alert, "r", NOW)
+
+        def outcome(render):
+            try:
+                return "ok", render()
+            except TransformError as exc:
+                return "error", str(exc)
+
+        slow = outcome(lambda: _render(template.tree, with_globals(names), ()))
+        assert outcome(lambda: template.render(names)) == slow
+
+
+def test_the_one_render_is_used_for_plain_orders():
+    assert OrderTemplate(compile_order({"a": "{{ alert.x }}", "b": 1})).combined is not None
+    assert OrderTemplate(compile_order({"a": "{{ alert.x }}-{{ alert.y }}"})).combined is None
+    assert OrderTemplate(compile_order({"a": {"b": "{{ alert.x }}"}})).combined is None
