@@ -473,3 +473,52 @@ def test_fifty_reloads_under_a_stream_of_alerts_lose_nothing(tmp_path: Path, jou
         assert [o["status"] for o in entry["orders"]] == ["filled"]
     with closing(sqlite3.connect(journal)) as db:
         assert db.execute("SELECT COUNT(*) FROM alerts WHERE outcome = 'accepted'").fetchone()[0] == len(records)
+
+
+def test_a_removed_plugin_is_closed_only_after_its_order_in_flight(tmp_path: Path, journal: Path,
+                                                                    daemon_factory) -> None:
+    """An order still on its way through a plugin that a reload removes finishes on that plugin."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    received: list[dict] = []
+
+    class SlowVenue(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            time.sleep(1.5)  # the reload lands while this order is in flight
+            body = json.dumps({"order_id": "venue-1", "status": "filled"}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    venue = ThreadingHTTPServer(("127.0.0.1", 0), SlowVenue)
+    threading.Thread(target=venue.serve_forever, daemon=True).start()
+    relay = f"{{type: http, url: 'http://127.0.0.1:{venue.server_port}/order', timeout: 5, retries: 0}}"
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(paper_table(journal, to="slow", extra="defaults: {ack: async}").replace(
+        "  b: {type: paper}\n", f"  b: {{type: paper}}\n  slow: {relay}\n"))
+    try:
+        d = daemon_factory(routes)
+        sent = d.post(json=alert())
+        assert sent.status_code == 202
+        eventually(lambda: received)  # the order is at the venue, its answer 1.5 s away
+        routes.write_text(paper_table(journal, to="a", extra="defaults: {ack: async}"))
+        reload = d.post("/-/reload")
+        assert reload.status_code == 200 and "slow" not in health(d)["plugins"]
+        alert_id = sent.json()["alert_id"]
+
+        def finished() -> Any:
+            with closing(sqlite3.connect(journal)) as conn:
+                return conn.execute("SELECT status, order_id, error FROM orders WHERE alert_id = ?"
+                                    " AND status IS NOT NULL", (alert_id,)).fetchone()
+
+        assert eventually(finished, timeout=5) == ("filled", "venue-1", None)
+        assert len(received) == 1
+    finally:
+        venue.shutdown()
