@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import ssl
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -188,6 +189,17 @@ def _default_url(config_path: str | None) -> str:
     return f"{'https' if tls else 'http'}://{host}:{port}"
 
 
+def _tls(args: argparse.Namespace) -> ssl.SSLContext | bool:
+    """How `reload` checks the daemon's certificate, and the client certificate it shows (for a
+    daemon with `server.tls.require_client_cert`)."""
+    if args.insecure:
+        return False
+    context = ssl.create_default_context(cafile=args.cacert)
+    if args.cert:
+        context.load_cert_chain(args.cert, args.key)
+    return context
+
+
 def cmd_reload(args: argparse.Namespace) -> int:
     import httpx
 
@@ -195,7 +207,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
     token = args.token or os.environ.get("FKSROUTE_ADMIN_TOKEN")
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        response = httpx.post(f"{url}/-/reload", headers=headers, timeout=60, verify=not args.insecure)
+        response = httpx.post(f"{url}/-/reload", headers=headers, timeout=60, verify=_tls(args))
     except httpx.HTTPError as exc:
         print(f"reload: cannot reach {url}: {exc}", file=sys.stderr)
         return 1
@@ -328,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", help="the daemon's base URL (default: from the routes file's server:)")
     p.add_argument("--token", help="admin token (default: $FKSROUTE_ADMIN_TOKEN); not needed on loopback")
     p.add_argument("--insecure", action="store_true", help="do not verify the daemon's TLS certificate")
+    p.add_argument("--cacert", metavar="FILE", help="CA to verify the daemon's certificate with (HTTPS)")
+    p.add_argument("--cert", metavar="FILE", help="client certificate, when server.tls requires one")
+    p.add_argument("--key", metavar="FILE", help="the client certificate's key")
     p.set_defaults(func=cmd_reload)
 
     p = sub.add_parser("send", help="send one alert as TradingView would, and print the reply")

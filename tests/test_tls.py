@@ -140,3 +140,26 @@ def test_require_client_cert_without_client_ca_is_a_config_error(tmp_path, pki):
         routes: [{name: all, to: paper}]
     """))
     assert isinstance(errors, list) and "require_client_cert needs client_ca" in str(errors[0])
+
+
+def test_fksroute_reload_shows_a_client_certificate_when_one_is_required(tmp_path, pki):
+    import subprocess
+    import sys
+
+    cert, key = pki["server"]
+    tls = f"{{cert: {cert.name}, key: {key.name}, client_ca: client-ca.pem, require_client_cert: true}}"
+    daemon = serve_tls(tmp_path, tls, context(pki, "client"))
+    client_cert, client_key = pki["client"]
+
+    def reload(*extra):
+        return subprocess.run([sys.executable, "-m", "fksroute", "reload", "--url", daemon.url,
+                               "--cacert", str(pki["server_ca"].pem), *extra],
+                              capture_output=True, text=True, timeout=60)
+
+    try:
+        done = reload("--cert", str(client_cert), "--key", str(client_key))
+        assert done.returncode == 0 and "reloaded" in done.stdout, done.stderr
+        refused = reload()
+        assert refused.returncode == 1 and "cannot reach" in refused.stderr
+    finally:
+        daemon.stop()
