@@ -292,17 +292,6 @@ class Journal:
 
         return self._submit(run, wait)
 
-    def finish_alert(self, alert_id: str, http_status: int, reply: Mapping[str, Any], outcome: str | None = None,
-                     reason: str | None = None, wait: bool = True) -> asyncio.Future | None:
-        """The answer given to an accepted alert (and, when all its routes skipped it, why)."""
-        text = json.dumps(reply, default=str)
-
-        def run(conn: sqlite3.Connection) -> None:
-            conn.execute("UPDATE alerts SET http_status = ?, reply = ?, outcome = COALESCE(?, outcome),"
-                         " reason = COALESCE(?, reason) WHERE id = ?", (http_status, text, outcome, reason, alert_id))
-
-        return self._submit(run, wait)
-
     def mark_sent(self, client_order_id: str) -> asyncio.Future:
         def run(conn: sqlite3.Connection) -> None:
             conn.execute("UPDATE orders SET state = ?, updated_at = ? WHERE client_order_id = ?",

@@ -263,10 +263,14 @@ class WebhookHandler:
             else:
                 requests.append(None)
                 rows.append((coid, planned.route, planned.plugin, planned.order, DONE, planned.status, planned.reason))
+        # The answer's status and outcome are known now: journaled with the alert, never updated.
+        executes = any(r is not None for r in requests)
+        status = 202 if executes and plan.ack == "async" else 200
+        label = None if executes else next((o.label for o in plan.orders if o.label), None)
         try:
             committed = daemon.journal.record_alert(
-                alert_id, source=source, body=stored, outcome="accepted", dedup_key=key,
-                config_version=deployment.table.version, orders=rows)
+                alert_id, source=source, body=stored, outcome="accepted" if executes else "skipped", reason=label,
+                http_status=status, dedup_key=key, config_version=deployment.table.version, orders=rows)
         except JournalError as exc:
             return self._journal_down(exc)
         reply_future: asyncio.Future = asyncio.get_running_loop().create_future()
@@ -285,21 +289,20 @@ class WebhookHandler:
             return reply
         # Journaled: whatever happens now, the answer is not a 5xx (TradingView would resend).
         try:
-            status, body = await self._answer(alert_id, plan, rows, tasks, source)
+            body = await self._answer(alert_id, plan, rows, tasks, source, status, label)
         except asyncio.CancelledError:  # the server is going down: resends still learn it was taken
             reply_future.set_result((202, reply_body(alert_id, [])))
             raise
         except Exception:
             log.exception("alert %s: building the answer failed; its orders continue", alert_id)
-            status, body = 202, reply_body(alert_id, [])
+            body = reply_body(alert_id, [])
         reply_future.set_result((status, body))
         return Reply(status, body)
 
     async def _answer(self, alert_id: str, plan: Plan, rows: list[tuple], tasks: dict[int, asyncio.Task],
-                      source: str | None) -> tuple[int, dict[str, Any]]:
+                      source: str | None, status: int, label: str | None) -> dict[str, Any]:
         daemon = self.daemon
-        asynchronous = plan.ack == "async"
-        if tasks and not asynchronous:
+        if tasks and status != 202:
             await asyncio.wait(tasks.values(), timeout=ANSWER_WITHIN)
         results = []
         for position, planned in enumerate(plan.orders):
@@ -316,20 +319,12 @@ class WebhookHandler:
                 results.append(result_entry(planned.route, planned.plugin, None, status="queued",
                                             order=planned.order, client_order_id=coid))
         body = reply_body(alert_id, results)
-        status = 202 if asynchronous and tasks else 200
-        label = None
-        if tasks:
-            outcome = metric = "accepted"
-        else:  # every route skipped it: counted by the first route's reason
-            outcome = "skipped"
-            label = next((o.label for o in plan.orders if o.label), None)
-            metric = f"skipped_{label}" if label else "skipped"
-        daemon.metrics.alert(metric)
-        daemon.journal.finish_alert(alert_id, status, body, outcome, reason=label, wait=False)
+        # Every route skipped it: counted by the first route's reason.
+        daemon.metrics.alert("accepted" if tasks else f"skipped_{label}" if label else "skipped")
         # Each executed order has its own line (dispatch); this one matters when nothing ran.
         log.log(logging.DEBUG if tasks else logging.INFO, "alert %s from %s: %s routes=%s %s", alert_id, source,
                 status, plan.routes, [r["status"] for r in results])
-        return status, body
+        return body
 
     async def _duplicate(self, seen: Any, key: str, stored: str, source: str | None) -> Reply:
         daemon = self.daemon
