@@ -256,10 +256,7 @@ class _Builder:
                     self.error((*path, key), f"unknown key {key!r}{hint}", key=True)
             return
         where = ".".join(str(p) for p in path) or "file"
-        if error.validator == "required":
-            self.error(path, f"{where}: {error.message}")
-        else:
-            self.error(path, f"{where}: {error.message}")
+        self.error(path, f"{where}: {error.message}")
 
     def duration(self, settings: Mapping[str, Any], key: str, path: Path_) -> timedelta | None:
         if key not in settings:

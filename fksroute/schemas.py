@@ -108,8 +108,6 @@ def describe(error: jsonschema.ValidationError) -> str:
         missing = error.message.split("'")[1] if "'" in error.message else error.message
         full = f"{where}.{missing}" if where else missing
         return f"missing required field {full}"
-    if error.validator == "additionalProperties":
-        return f"{where or 'document'}: {error.message}"
     return f"{where or 'document'}: {error.message}"
 
 
