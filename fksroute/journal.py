@@ -1,7 +1,10 @@
 """The journal: every alert and what became of it, in SQLite, on disk before any answer.
 
-One writer thread owns the connection. Writes queue up and are committed in groups, so
-many concurrent alerts share one fsync (WAL, synchronous=FULL).
+Writes queue up and are committed in groups, so that many concurrent alerts share one fsync
+(WAL, synchronous=FULL). A group's statements run on the event loop, which queued them: they
+only touch SQLite's page cache and take microseconds. Its COMMIT, where SQLite writes the log
+and waits for the disk, runs on the journal's thread without the GIL; the next group gathers
+meanwhile. The loop and the thread never use the connection at the same time.
 """
 
 from __future__ import annotations
@@ -73,10 +76,11 @@ class JournalConflict(JournalError):
 
 
 class _Redo(Exception):
-    """The fast path of a group commit met a bad op: run the batch again, one savepoint per op."""
+    """The fast path of a group commit met a bad op: run the group again, one savepoint per op."""
 
 
 BEST_EFFORT_BACKLOG = 10000
+BUSY_RETRY = 0.01  # while another process holds the write lock, the thread asks again this often
 
 
 _PROCESS = secrets.randbits(16)  # told apart from other runs' ids by time and this
@@ -104,20 +108,29 @@ class OrderRow:
     status: str | None
 
 
-@dataclass
 class _Op:
-    run: Callable[[sqlite3.Connection], Any]
-    future: asyncio.Future | None
-    loop: asyncio.AbstractEventLoop | None
+    __slots__ = ("run", "future", "loop")
+
+    def __init__(self, run: Callable[[sqlite3.Connection], Any], future: asyncio.Future | None,
+                 loop: asyncio.AbstractEventLoop | None) -> None:
+        self.run, self.future, self.loop = run, future, loop
+
+
+Outcomes = list[tuple[bool, Any]]
 
 
 class Journal:
-    """Owns the SQLite file. All methods are safe to call from the event loop."""
+    """Owns the SQLite file. All methods but open/close are called from the event loop."""
 
     def __init__(self, path: Path, busy_timeout: float = 1.0) -> None:
         self.path = Path(path)
         self.busy_timeout = busy_timeout
-        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # guards the fields below and the connection outside a commit
+        self._pending: list[_Op] = []  # queued, not yet in a group
+        self._committing = False       # a group is with the thread: the connection is its own
+        self._closed = True
+        self._flush_on: asyncio.AbstractEventLoop | None = None  # a flush is scheduled on this loop
+        self._groups: queue.SimpleQueue[tuple[list[_Op], Outcomes | None] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
         self.healthy = True
@@ -132,78 +145,134 @@ class Journal:
         """Open (creating if needed) the file; raises JournalError when it cannot."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                                   timeout=self.busy_timeout)
+            # No busy wait inside SQLite: the event loop must never block on another process's
+            # lock. When the file is locked, the thread waits for it instead (see _begin).
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=0)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             conn.executescript(SCHEMA)
         except (sqlite3.Error, OSError) as exc:
             raise JournalError(f"cannot open the journal {self.path}: {exc}") from None
         self._conn = conn
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="fksroute-journal", daemon=True)
         self._thread.start()
 
     def close(self) -> None:
-        """Write what is queued, then close the file cleanly (checkpointing the WAL)."""
-        if self._thread is None:
-            return
-        self._queue.put(None)
-        self._thread.join()
-        self._thread = None
-        if self._conn is not None:
-            try:
-                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            except sqlite3.Error:
-                pass
-            self._conn.close()
-            self._conn = None
+        """Write what is queued, then close the file cleanly (checkpointing the WAL). Safe from
+        any thread, and on the event loop itself once nothing awaits the journal any more."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True  # from here on, writes are refused and no flush starts
+        if self._thread is not None:
+            self._groups.put(None)  # after the group in flight, if any
+            self._thread.join()
+            self._thread = None
+        conn = self._conn
+        assert conn is not None
+        with self._lock:
+            left, self._pending = self._pending, []
+        if left:
+            self._write(left, None)
+        try:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error:
+            pass
+        conn.close()
+        self._conn = None
 
-    # --- the writer -----------------------------------------------------------------------
+    # --- group commit -----------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        """On the event loop: start the next group, unless one is committing (it flushes when done)."""
+        with self._lock:
+            self._flush_on = None
+            if self._committing or self._closed or not self._pending:
+                return
+            group, self._pending = self._pending, []
+            self._committing = True
+            conn = self._conn
+            assert conn is not None
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error:
+                # Locked by another process (or worse): the thread waits for the lock, then writes.
+                self._groups.put((group, None))
+                return
+            try:
+                outcomes = self._apply(conn, group)
+            except sqlite3.Error as exc:  # the disk or the lock: the whole group fails
+                _rollback(conn)
+                self._committing = False
+                self._failed(group, exc)
+                self._schedule_flush()
+                return
+            self._groups.put((group, outcomes))
 
     def _run(self) -> None:
-        assert self._conn is not None
-        stopping = False
-        while not stopping:
-            first = self._queue.get()
-            batch: list[_Op] = []
-            if first is None:
-                stopping = True
-            else:
-                batch.append(first)
-            while True:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stopping = True
-                else:
-                    batch.append(item)
-            if batch:
-                self._commit(batch)
+        """The journal's thread: commits each group the loop prepared; writes the whole group
+        itself when the loop could not begin it (the file was locked)."""
+        conn = self._conn
+        assert conn is not None
+        while (item := self._groups.get()) is not None:
+            group, outcomes = item
+            self._write(group, outcomes)
 
-    def _commit(self, batch: list[_Op]) -> None:
-        """One transaction, one fsync, for the whole batch; then every waiter is told at once."""
+    def _write(self, group: list[_Op], outcomes: Outcomes | None) -> None:
         conn = self._conn
         assert conn is not None
         try:
-            try:
-                outcomes = self._apply(conn, batch, isolate=False)
-            except _Redo:
-                outcomes = self._apply(conn, batch, isolate=True)
-            self.commits += 1
-            self.writes += sum(1 for ok, _ in outcomes if ok)
-            self.healthy, self.last_error = True, None
+            if outcomes is None:
+                self._begin(conn)
+                outcomes = self._apply(conn, group)
+            conn.execute("COMMIT")
         except Exception as exc:
+            _rollback(conn)
+            with self._lock:
+                self._committing = False
+            self._failed(group, exc)
+        else:
+            with self._lock:
+                self._committing = False
+                self.commits += 1
+                self.writes += sum(1 for ok, _ in outcomes if ok)
+                self.healthy, self.last_error = True, None
+            self._settle(group, outcomes)
+        self._kick(group)
+
+    def _begin(self, conn: sqlite3.Connection) -> None:
+        """BEGIN IMMEDIATE, waiting up to busy_timeout for another process's write lock."""
+        deadline = time.monotonic() + self.busy_timeout
+        while True:
             try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            self.healthy, self.last_error = False, str(exc)
-            failure = JournalError(f"the journal cannot write: {exc}")
-            outcomes = [(False, failure)] * len(batch)
+                conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(BUSY_RETRY)
+
+    def _apply(self, conn: sqlite3.Connection, group: list[_Op]) -> Outcomes:
+        """Run the group's ops inside the open transaction. The fast path has no savepoints: the
+        first op that fails for its own reasons undoes the group, which then runs again with one
+        savepoint per op, so that the bad op fails alone."""
+        try:
+            return _ops(conn, group, isolate=False)
+        except _Redo:
+            _rollback(conn)
+            self._begin(conn)
+            return _ops(conn, group, isolate=True)
+
+    def _failed(self, group: list[_Op], exc: BaseException) -> None:
+        self.healthy, self.last_error = False, str(exc)
+        failure = JournalError(f"the journal cannot write: {exc}")
+        self._settle(group, [(False, failure)] * len(group))
+
+    def _settle(self, group: list[_Op], outcomes: Outcomes) -> None:
+        """Tell every waiter of the group, on its own loop, at once."""
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, bool, Any]]] = {}
-        for op, (ok, value) in zip(batch, outcomes):
+        for op, (ok, value) in zip(group, outcomes):
             if op.future is not None and op.loop is not None:
                 by_loop.setdefault(op.loop, []).append((op.future, ok, value))
         for loop, settled in by_loop.items():
@@ -212,50 +281,61 @@ class Journal:
             except RuntimeError:  # the loop is closed: nobody waits any more
                 pass
 
-    @staticmethod
-    def _apply(conn: sqlite3.Connection, batch: list[_Op], isolate: bool) -> list[tuple[bool, Any]]:
-        """Run the batch and commit. Without `isolate` (the fast path) the first op that fails for
-        its own reasons undoes the batch (_Redo); with it, each op runs inside a savepoint, so
-        that one bad op fails alone."""
-        outcomes: list[tuple[bool, Any]] = []
-        conn.execute("BEGIN IMMEDIATE")
-        for i, op in enumerate(batch):
-            if isolate:
-                conn.execute(f"SAVEPOINT op{i}")
-            try:
-                outcomes.append((True, op.run(conn)))
-            except sqlite3.OperationalError:
-                raise  # the disk or the lock: the whole batch fails
-            except Exception as exc:  # a bad value in one write must not take the writer down
-                if not isolate:
-                    conn.execute("ROLLBACK")
-                    raise _Redo() from None
-                conn.execute(f"ROLLBACK TO op{i}")
-                failure = (JournalConflict(f"journal: {exc}") if isinstance(exc, sqlite3.IntegrityError)
-                           else JournalError(f"journal: {type(exc).__name__}: {exc}"))
-                outcomes.append((False, failure))
-            if isolate:
-                conn.execute(f"RELEASE op{i}")
-        conn.execute("COMMIT")
-        return outcomes
+    def _kick(self, group: list[_Op]) -> None:
+        """After a commit: the writes queued meanwhile form the next group, on their loop."""
+        with self._lock:
+            if self._closed or self._committing or not self._pending:
+                return
+            loop = next((op.loop for op in self._pending if op.loop is not None), None)
+            if loop is not None and not loop.is_closed():
+                try:
+                    loop.call_soon_threadsafe(self._flush)
+                    return
+                except RuntimeError:  # closed meanwhile
+                    pass
+            group, self._pending = self._pending, []  # nobody's loop to run them: written here
+            self._committing = True
+            self._groups.put((group, None))
+
+    def _schedule_flush(self) -> None:
+        """Called with the lock held."""
+        if not self._pending or self._committing:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop here (a script): the thread writes the group whole
+            group, self._pending = self._pending, []
+            self._committing = True
+            self._groups.put((group, None))
+            return
+        if self._flush_on is not loop or loop.is_closed():
+            self._flush_on = loop
+            loop.call_soon(self._flush)
 
     def _submit(self, run: Callable[[sqlite3.Connection], Any], wait: bool = True) -> asyncio.Future | None:
         """Queue a write; the returned future resolves once it is committed (fsynced).
 
         Without `wait` the write is best effort: dropped when the writer is far behind, so that a
         flood of refused requests cannot grow the queue without bound."""
-        if self._thread is None:
-            raise JournalError("the journal is closed")
-        if not wait:
-            if self._queue.qsize() >= BEST_EFFORT_BACKLOG:
-                self.dropped += 1
+        with self._lock:
+            if self._closed:
+                raise JournalError("the journal is closed")
+            if not wait:
+                try:
+                    loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+                except RuntimeError:
+                    loop = None
+                if len(self._pending) >= BEST_EFFORT_BACKLOG:
+                    self.dropped += 1
+                    return None
+                self._pending.append(_Op(run, None, loop))
+                self._schedule_flush()
                 return None
-            self._queue.put(_Op(run, None, None))
-            return None
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._queue.put(_Op(run, future, loop))
-        return future
+            loop = asyncio.get_running_loop()
+            future = loop.create_future()
+            self._pending.append(_Op(run, future, loop))
+            self._schedule_flush()
+            return future
 
     def run(self, run: Callable[[sqlite3.Connection], Any]) -> asyncio.Future:
         future = self._submit(run)
@@ -361,6 +441,35 @@ def _order_dict(row: tuple) -> dict[str, Any]:
     for key in ("order", "detail"):
         out[key] = json.loads(out[key]) if out[key] else None
     return out
+
+
+def _ops(conn: sqlite3.Connection, group: list[_Op], isolate: bool) -> Outcomes:
+    outcomes: Outcomes = []
+    for i, op in enumerate(group):
+        if isolate:
+            conn.execute(f"SAVEPOINT op{i}")
+        try:
+            outcomes.append((True, op.run(conn)))
+        except sqlite3.OperationalError:
+            raise  # the disk or the lock: the whole group fails
+        except Exception as exc:  # a bad value in one write must not take the journal down
+            if not isolate:
+                raise _Redo() from None
+            conn.execute(f"ROLLBACK TO op{i}")
+            failure = (JournalConflict(f"journal: {exc}") if isinstance(exc, sqlite3.IntegrityError)
+                       else JournalError(f"journal: {type(exc).__name__}: {exc}"))
+            outcomes.append((False, failure))
+        if isolate:
+            conn.execute(f"RELEASE op{i}")
+    return outcomes
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
 
 
 def _settle_all(settled: list[tuple[asyncio.Future, bool, Any]]) -> None:

@@ -70,9 +70,11 @@ class PaperPlugin:
         self.log = context.logger
         self.book = _Book(prices=dict(settings.get("prices", {})))
         self._lock = asyncio.Lock()
-        # With a ledger, an order the ledger does not hold was never filled, even before a restart,
-        # and execute() never fills a client order id twice: resending after a crash is safe.
-        self.resend_safe = self.ledger is not None
+        # execute() never fills a client order id twice, and after a restart the book knows every
+        # fill the ledger holds: an order it does not know was never filled, so resending is safe.
+        # Without a ledger the book lives in memory and a restart wipes it: there is no venue to ask,
+        # and an order a crash interrupted is simply simulated again.
+        self.resend_safe = True
 
     async def start(self) -> None:
         if self.ledger is not None and self.ledger.exists():
