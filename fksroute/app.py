@@ -18,9 +18,12 @@ from fksroute.daemon import Daemon
 from fksroute.webhook import Reply, json_safe
 
 
+_STRICT = json.JSONEncoder(default=str, allow_nan=False).encode  # built once, not per reply
+
+
 def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> Response:
     try:
-        text = json.dumps(body, default=str, allow_nan=False)
+        text = _STRICT(body)
     except ValueError:  # an overflowed number somewhere: replies are strict JSON all the same
         text = json.dumps(json_safe(body), default=str)
     return Response(text, status, headers=headers, media_type="application/json")

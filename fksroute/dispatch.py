@@ -76,7 +76,7 @@ class Dispatcher:
 
     async def _run(self, request: OrderRequest, plugin: Plugin | None, previous: asyncio.Future | None,
                    committed: Awaitable[Any], reconcile: bool, executed: asyncio.Future) -> OrderResult:
-        if previous is not None:
+        if previous is not None and not previous.done():
             await asyncio.wait([previous])  # its failure is its own; order is all we keep
         await committed  # JournalError here: the alert was never accepted, nothing is sent
         if reconcile:
@@ -142,7 +142,7 @@ class Dispatcher:
             return None, self.redact(f"{type(exc).__name__}: {exc}")
 
     def _count(self, request: OrderRequest, result: OrderResult) -> None:
-        self.metrics.orders.labels(request.plugin, result.status).inc()
+        self.metrics.order(request.plugin, result.status)
         if result.status == UNKNOWN:
             self.unknown_orders += 1
             self.metrics.unknown_orders.set(self.unknown_orders)

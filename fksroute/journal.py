@@ -80,6 +80,7 @@ class _Redo(Exception):
 
 
 BEST_EFFORT_BACKLOG = 10000
+_TEXT = json.JSONEncoder(default=str).encode  # built once: json.dumps(default=...) builds one per call
 BUSY_RETRY = 0.01  # while another process holds the write lock, the thread asks again this often
 
 
@@ -355,7 +356,7 @@ class Journal:
         """
         now = time.time()
         order_rows = list(orders)
-        reply_text = json.dumps(reply, default=str) if reply is not None else None
+        reply_text = _TEXT(reply) if reply is not None else None
 
         def run(conn: sqlite3.Connection) -> None:
             conn.execute(
@@ -366,7 +367,7 @@ class Journal:
             conn.executemany(
                 "INSERT INTO orders (client_order_id, alert_id, position, route, plugin, request, state, status,"
                 " detail, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                [(coid, alert_id, i, route, plugin, json.dumps(request, default=str) if request is not None else None,
+                [(coid, alert_id, i, route, plugin, _TEXT(request) if request is not None else None,
                   state, status, json.dumps({"reason": reason}) if reason else None, now, now)
                  for i, (coid, route, plugin, request, state, status, reason) in enumerate(order_rows)])
 
@@ -387,7 +388,7 @@ class Journal:
                 "UPDATE orders SET state = ?, status = ?, order_id = ?, error = ?, filled_quantity = ?,"
                 " average_price = ?, detail = ?, updated_at = ? WHERE client_order_id = ?",
                 (state, result.status, result.order_id, result.error, result.filled_quantity,
-                 result.average_price, json.dumps(dict(result.detail), default=str), time.time(), client_order_id))
+                 result.average_price, _TEXT(dict(result.detail)), time.time(), client_order_id))
 
         return self.run(run)
 

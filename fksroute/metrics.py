@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -36,8 +38,24 @@ class Metrics:
         self.reloads = Counter("fksroute_config_reloads_total", "Reloads, by trigger and result",
                                ["trigger", "result"], registry=r)
 
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, looked up once: it takes a lock and builds a key every time."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def alert(self, outcome: str) -> None:
-        self.alerts.labels(outcome).inc()
+        self._child(self.alerts, outcome).inc()
+
+    def route_matched(self, route: str) -> None:
+        self._child(self.route_matches, route).inc()
+
+    def order(self, plugin: str, status: str) -> None:
+        self._child(self.orders, plugin, status).inc()
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -16,6 +16,7 @@ from zoneinfo import ZoneInfo
 from fksroute.routing import Route, RoutingTable, as_number, lookup
 from fksroute.transform import DEFAULT_ORDER, TransformError, variables
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str).encode
 READY = "ready"
 SKIPPED = "skipped"
 
@@ -122,8 +123,7 @@ def _limit_problem(route: Route, order: Mapping[str, Any], alert: Mapping[str, A
 
 def body_key(alert: Mapping[str, Any]) -> str:
     """The default dedup key: a hash of the alert without its secret."""
-    text = json.dumps(alert, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return hashlib.sha256(_CANONICAL(alert).encode()).hexdigest()
 
 
 def plan_alert(table: RoutingTable, alert: Mapping[str, Any], now: datetime | None = None,

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -131,13 +132,18 @@ class AlertSchema:
     name: str
     validator: Draft202012Validator
     fast: Callable[[Any], bool] | None = None
+    defaults: tuple[tuple[str, Any], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        properties = self.validator.schema.get("properties", {})
+        object.__setattr__(self, "defaults", tuple(
+            (key, spec["default"]) for key, spec in properties.items() if isinstance(spec, Mapping) and "default" in spec))
 
     def apply(self, alert: Mapping[str, Any]) -> tuple[dict[str, Any], AlertProblem | None]:
         filled = dict(alert)
-        properties = self.validator.schema.get("properties", {})
-        for key, spec in properties.items():
-            if isinstance(spec, Mapping) and "default" in spec and filled.get(key) is None:
-                filled[key] = spec["default"]
+        for key, default in self.defaults:
+            if filled.get(key) is None:
+                filled[key] = copy.deepcopy(default) if isinstance(default, (dict, list)) else default
         errors = _errors(self.validator, self.fast, filled)
         if not errors:
             return filled, None

@@ -7,6 +7,7 @@ import ipaddress
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Iterable, Mapping, Sequence
 
 from fksroute.signing import SIGNATURE_HEADER as SIGNED_BY
@@ -18,6 +19,7 @@ SIGNATURE_HEADER = SIGNED_BY.lower()
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+@lru_cache(maxsize=4096)  # the same few peers send alert after alert
 def _address(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     if not text:
         return None
@@ -40,15 +42,20 @@ def client_address(peer: str | None, forwarded_for: str | None, trusted_proxies:
     and then only up to the first hop that is not itself a trusted proxy."""
     address = _address(peer)
     if address is None or not forwarded_for or not _within(address, trusted_proxies):
-        return str(address) if address is not None else None
+        return _text(address)
     for hop in reversed([h for h in forwarded_for.split(",") if h.strip()]):
         hop_address = _address(hop)
         if hop_address is None:
-            return str(address)  # a forged or garbled hop: stop at the last one we could trust
+            return _text(address)  # a forged or garbled hop: stop at the last one we could trust
         address = hop_address
         if not _within(address, trusted_proxies):
             break
-    return str(address)
+    return _text(address)
+
+
+@lru_cache(maxsize=4096)
+def _text(address: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> str | None:
+    return str(address) if address is not None else None
 
 
 def address_allowed(address: str | None, allow: Sequence[Network]) -> bool:

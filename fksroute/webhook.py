@@ -8,7 +8,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Collection, Mapping
 
 from fksroute import security
 from fksroute.dispatch import client_order_id, result_entry
@@ -24,6 +24,8 @@ ANSWER_WITHIN = 2.5  # TradingView gives up after 3 s; what is not done by then 
 MAX_DEPTH = 32
 MAX_DIGITS = 308  # an integer longer than this is not a float any more: refused, never half-parsed
 UNAUTHORIZED = "Unauthorized: missing or wrong secret"
+# One encoder, built once: json.dumps with options builds a new one on every call.
+COMPACT = json.JSONEncoder(separators=(",", ":"), default=str).encode
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,36 @@ def _depth_ok(value: Any) -> bool:
     return True
 
 
+_TOO_LARGE = 10 ** MAX_DIGITS
+
+
+def _plain(value: dict) -> bool:
+    """True when `value` (from json.loads without hooks) is within every rule the strict parse
+    enforces: depth, finite numbers, integers of at most MAX_DIGITS digits."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth >= MAX_DEPTH:
+            return False
+        for child in children:
+            kind = type(child)
+            if kind is float:
+                if not math.isfinite(child):
+                    return False
+            elif kind is int:
+                if not -_TOO_LARGE < child < _TOO_LARGE:
+                    return False
+            elif kind is dict or kind is list:
+                stack.append((child, depth + 1))
+    return True
+
+
 def _no_constants(name: str) -> Any:
     raise BadAlert(f"Unparsable body: {name} is not a number")
 
@@ -107,6 +139,11 @@ def _bounded_int(text: str) -> int:
 
 def _decode(body: bytes, content_type: str) -> str:
     """The body's text: its declared charset, else UTF-8; a byte order mark is dropped."""
+    if ";" not in content_type:  # no charset declared: UTF-8
+        try:
+            return body.decode("utf-8-sig")
+        except UnicodeError:
+            raise BadAlert("Unparsable body: not utf-8 text") from None
     charset = "utf-8"
     for param in content_type.split(";")[1:]:
         name, _, value = param.partition("=")
@@ -127,6 +164,19 @@ def _decode(body: bytes, content_type: str) -> str:
 def parse_alert(body: bytes, content_type: str | None) -> dict[str, Any]:
     """JSON text becomes the alert; plain text becomes {"message": TEXT}."""
     text = _decode(body, content_type or "")
+    # The common case first: a plain JSON object within every rule. Anything else (not JSON, a
+    # constant such as NaN, a number out of range, too deep) takes the strict parse below,
+    # which says exactly what is wrong.
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        value = None
+    if type(value) is dict and _plain(value):
+        return value
+    return _parse_strict(text, content_type)
+
+
+def _parse_strict(text: str, content_type: str | None) -> dict[str, Any]:
     if not text.strip():
         raise BadAlert("Unparsable body: empty")
     says_json = (content_type or "").split(";")[0].strip().lower() == "application/json"
@@ -145,6 +195,37 @@ def parse_alert(body: bytes, content_type: str | None) -> dict[str, Any]:
     if says_json:
         raise BadAlert("Unparsable body: a JSON alert must be an object")
     return {"message": text}
+
+
+async def _settled(tasks: Collection[asyncio.Future], timeout: float) -> None:
+    """Wait until every task is done or `timeout` has passed: asyncio.wait without its sets."""
+    pending = [t for t in tasks if not t.done()]
+    if not pending:
+        return
+    loop = asyncio.get_running_loop()
+    waiter = loop.create_future()
+    left = len(pending)
+
+    def one_done(_: asyncio.Future) -> None:
+        nonlocal left
+        left -= 1
+        if left == 0 and not waiter.done():
+            waiter.set_result(None)
+
+    for task in pending:
+        task.add_done_callback(one_done)
+    timer = loop.call_later(timeout, _wake, waiter)
+    try:
+        await waiter
+    finally:
+        timer.cancel()
+        for task in pending:
+            task.remove_done_callback(one_done)
+
+
+def _wake(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class WebhookHandler:
@@ -214,7 +295,7 @@ class WebhookHandler:
         offered = security.Credentials(signature, alert.get(security.PASSPHRASE), path_token)
         alert = security.strip_secret(alert)
         # The passphrase is gone; a secret pasted anywhere else in the body must not be stored either.
-        stored = security.redact(json.dumps(alert, separators=(",", ":"), default=str),
+        stored = security.redact(COMPACT(alert),
                                  (settings.secret, settings.path_token, *table.secrets))
         if not security.authenticate(body, offered, settings.secret, settings.path_token):
             return self._refuse(401, UNAUTHORIZED, "auth", source, stored)
@@ -224,7 +305,7 @@ class WebhookHandler:
             log.exception("planning failed for an alert from %s", source)
             return await self._reject(source, stored, 422, "The alert could not be planned", "invalid")
         for order in plan.orders:
-            self.daemon.metrics.route_matches.labels(order.route).inc()
+            self.daemon.metrics.route_matched(order.route)
         if plan.rejection is not None:
             r = plan.rejection
             return await self._reject(source, stored, r.status, r.error, r.reason)
@@ -303,7 +384,7 @@ class WebhookHandler:
                       source: str | None, status: int, label: str | None) -> dict[str, Any]:
         daemon = self.daemon
         if tasks and status != 202:
-            await asyncio.wait(tasks.values(), timeout=ANSWER_WITHIN)
+            await _settled(tasks.values(), ANSWER_WITHIN)
         results = []
         for position, planned in enumerate(plan.orders):
             task = tasks.get(position)
@@ -322,8 +403,10 @@ class WebhookHandler:
         # Every route skipped it: counted by the first route's reason.
         daemon.metrics.alert("accepted" if tasks else f"skipped_{label}" if label else "skipped")
         # Each executed order has its own line (dispatch); this one matters when nothing ran.
-        log.log(logging.DEBUG if tasks else logging.INFO, "alert %s from %s: %s routes=%s %s", alert_id, source,
-                status, plan.routes, [r["status"] for r in results])
+        level = logging.DEBUG if tasks else logging.INFO
+        if log.isEnabledFor(level):
+            log.log(level, "alert %s from %s: %s routes=%s %s", alert_id, source, status, plan.routes,
+                    [r["status"] for r in results])
         return body
 
     async def _duplicate(self, seen: Any, key: str, stored: str, source: str | None) -> Reply:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 from dataclasses import dataclass, field
@@ -69,7 +68,6 @@ class PaperPlugin:
         self.ledger = context.base_dir / settings["ledger"] if settings.get("ledger") else None
         self.log = context.logger
         self.book = _Book(prices=dict(settings.get("prices", {})))
-        self._lock = asyncio.Lock()
         # execute() never fills a client order id twice, and after a restart the book knows every
         # fill the ledger holds: an order it does not know was never filled, so resending is safe.
         # Without a ledger the book lives in memory and a restart wipes it: there is no venue to ask,
@@ -91,17 +89,17 @@ class PaperPlugin:
                     self.log.warning("paper ledger %s: skipped an unreadable line", self.ledger)
 
     async def execute(self, request: OrderRequest) -> OrderResult:
-        async with self._lock:
-            known = self.book.results.get(request.client_order_id)
-            if known is not None:
-                return known  # the same client order id again: never a second fill
-            try:
-                result = self._execute(request)
-            except (TypeError, ValueError, KeyError) as exc:
-                result = OrderResult(FAILED, error=f"paper: invalid order: {exc}")
-            self.book.results[request.client_order_id] = result
-            self._record(request, result)
-            return result
+        # Nothing below awaits, so one order's look-up, fill and record cannot interleave with another's.
+        known = self.book.results.get(request.client_order_id)
+        if known is not None:
+            return known  # the same client order id again: never a second fill
+        try:
+            result = self._execute(request)
+        except (TypeError, ValueError, KeyError) as exc:
+            result = OrderResult(FAILED, error=f"paper: invalid order: {exc}")
+        self.book.results[request.client_order_id] = result
+        self._record(request, result)
+        return result
 
     async def lookup(self, request: OrderRequest) -> OrderResult | None:
         return self.book.results.get(request.client_order_id)
