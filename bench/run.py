@@ -162,7 +162,10 @@ def main() -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="fksroute-bench-"))
     # A copy of the shipped table, so its relative journal path lands in the temporary directory.
-    config = workdir / "routes.yaml"
+    # The logs go one level up, as they would to journald: the daemon watches the table's
+    # directory, and a log written there would wake the watcher on every line.
+    config = workdir / "etc" / "routes.yaml"
+    config.parent.mkdir()
     shutil.copy(ROOT / "routes.yaml", config)
     daemon_port, bare_port = free_port(), free_port()
     daemon = Server("fksroute", [sys.executable, "-m", "fksroute", "serve", "-c", str(config),

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import chain, islice
-from typing import Any, Collection, Iterable, Mapping
+from typing import Any, Callable, Collection, Iterable, Mapping
 
 import jinja2
 from jinja2 import nodes
@@ -111,13 +112,18 @@ _ONE_EXPRESSION = re.compile(r"^\{\{(.*)\}\}$", re.DOTALL)
 def _expression(template: Template) -> str | None:
     """The EXPR of a template that is nothing but `{{ EXPR }}`, else None."""
     found = _ONE_EXPRESSION.match(template.source)
-    if found is None:
+    if found is None or _expression_node(template) is None:
         return None
+    return found.group(1)
+
+
+def _expression_node(template: Template) -> nodes.Expr | None:
+    """The parsed EXPR of a template whose whole output is one `{{ EXPR }}`, else None."""
     body = ENVIRONMENT.parse(template.source).body
     if len(body) != 1 or not isinstance(body[0], nodes.Output) or len(body[0].nodes) != 1 \
             or isinstance(body[0].nodes[0], nodes.TemplateData):
         return None
-    return found.group(1)
+    return body[0].nodes[0]
 
 
 def _combined(tree: Any) -> jinja2.Template | None:
@@ -129,8 +135,9 @@ def _combined(tree: Any) -> jinja2.Template | None:
     for value in tree.values():
         if isinstance(value, Template):
             expression = _expression(value)
-            if expression is None:
-                return None
+            node = _expression_node(value) if expression is not None else None
+            if node is None or not _uses_alert(node):
+                return None  # a constant leaf: Jinja folds it into text, which a list would not
             expressions.append(f"({expression})")
         elif isinstance(value, (dict, list)):
             return None
@@ -142,18 +149,184 @@ def _combined(tree: Any) -> jinja2.Template | None:
         return None
 
 
+# The fast path: a flat order whose templates are all simple expressions (alert fields, constants,
+# `default`, `float`) is computed by small Python closures, without Jinja: a few µs instead of ~20.
+# It answers only when it gets exactly Jinja's result; a missing field or any failure is left to
+# Jinja, so error messages stay Jinja's. Only dict lookups and the two filters run: nothing in the
+# sandbox is reachable, and alert text is never evaluated.
+
+_UNDEFINED = object()  # a field the alert does not have, as StrictUndefined is to Jinja
+
+
+class _Slow(Exception):
+    """Jinja renders this: not a simple expression, or a value Jinja would fail on."""
+
+
+Evaluate = Callable[[dict], Any]
+
+
+def _fast_order(tree: Any) -> tuple[tuple[Any, Evaluate], ...] | None:
+    """(key, closure) for each leaf of a flat order whose templates are all simple, else None."""
+    if not isinstance(tree, dict):
+        return None
+    leaves = []
+    try:
+        for key, leaf in tree.items():
+            if isinstance(leaf, Template):
+                leaves.append((key, _fast_leaf(leaf)))
+            elif isinstance(leaf, (dict, list)):
+                return None
+            else:
+                leaves.append((key, _constant(leaf)))
+    except _Slow:
+        return None
+    return tuple(leaves)
+
+
+def _fast_leaf(template: Template) -> Evaluate:
+    text = _text(template)
+    if text is not None:
+        return _constant(text)
+    expression = _expression_node(template)
+    if expression is None or not _uses_alert(expression):
+        # A constant: Jinja folds it into text at compile time (`{{ 1 }}` renders "1").
+        raise _Slow
+    return _fast(expression)
+
+
+def _text(template: Template) -> str | None:
+    """What a template without any Jinja in it (`market`) renders: its text."""
+    body = ENVIRONMENT.parse(template.source).body
+    if len(body) == 1 and isinstance(body[0], nodes.Output) and len(body[0].nodes) == 1 \
+            and isinstance(body[0].nodes[0], nodes.TemplateData):
+        return body[0].nodes[0].data
+    return None
+
+
+def _uses_alert(node: nodes.Expr) -> bool:
+    """Whether `node` reads a name (only `alert` is simple); if not, Jinja computes it when compiling."""
+    return isinstance(node, nodes.Name) or node.find(nodes.Name) is not None
+
+
+def _fast(node: nodes.Node) -> Evaluate:
+    """The closure computing `node` from the alert: its value, or _UNDEFINED for a missing field."""
+    if isinstance(node, nodes.Const):
+        return _constant(_const_value(node))
+    name = _alert_field(node)
+    if name is not None:
+        return lambda alert: alert.get(name, _UNDEFINED)
+    if isinstance(node, nodes.Filter) and not node.kwargs and node.dyn_args is None \
+            and node.dyn_kwargs is None and node.node is not None:
+        function = ENVIRONMENT.filters.get(node.name)
+        if function is jinja2.filters.do_default and len(node.args) == 1:
+            return _fast_default(node.node, node.args[0])
+        if function is jinja2.filters.do_float and not node.args:
+            return _fast_float(node.node)
+    raise _Slow
+
+
+def _constant(value: Any) -> Evaluate:
+    return lambda alert: value
+
+
+def _const_value(node: nodes.Const) -> Any:
+    """A literal's value; Jinja writes an infinite float (`1e400`) back as `inf`, which fails."""
+    if isinstance(node.value, float) and not math.isfinite(node.value):
+        raise _Slow
+    return node.value
+
+
+def _alert_field(node: nodes.Node) -> str | None:
+    """NAME of `alert.NAME` or `alert['NAME']` when that is the field NAME: not for a dict's own
+    attributes, where Jinja returns the bound method (`alert.items`)."""
+    if isinstance(node, nodes.Getattr):
+        target, name = node.node, node.attr
+    elif isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const):
+        target, name = node.node, node.arg.value
+    else:
+        return None
+    if isinstance(target, nodes.Name) and target.name == "alert" and isinstance(name, str) \
+            and not hasattr({}, name):
+        return name
+    return None
+
+
+def _fast_default(value_node: nodes.Expr, default_node: nodes.Expr) -> Evaluate:
+    """`value | default(X)`: X when value is undefined (None is a value). Jinja computes X first
+    either way, so an X that can fail (`alert.q | float`) is computed first here too."""
+    value = _fast(value_node)
+    if isinstance(default_node, nodes.Const):
+        constant = _const_value(default_node)
+        name = _alert_field(value_node)
+        if name is not None:
+            return lambda alert: alert.get(name, constant)
+        return lambda alert: constant if (v := value(alert)) is _UNDEFINED else v
+    fallback = _fast(default_node)
+    if _alert_field(default_node) is not None:
+        return lambda alert: fallback(alert) if (v := value(alert)) is _UNDEFINED else v
+
+    def first_the_default(alert: dict) -> Any:
+        default = fallback(alert)
+        found = value(alert)
+        return default if found is _UNDEFINED else found
+    return first_the_default
+
+
+def _fast_float(value_node: nodes.Expr) -> Evaluate:
+    """`value | float` with Jinja's own filter; Jinja fails on an undefined value (StrictUndefined).
+    Not for a constant: Jinja computes that at compile time, and `'inf' | float` then fails."""
+    if not _uses_alert(value_node):
+        raise _Slow
+    value = _fast(value_node)
+    do_float = jinja2.filters.do_float
+
+    def evaluate(alert: dict) -> Any:
+        found = value(alert)
+        if found is _UNDEFINED:
+            raise _Slow
+        return do_float(found)
+    return evaluate
+
+
+def _render_fast(leaves: tuple[tuple[Any, Evaluate], ...], alert: Any) -> dict[str, Any] | None:
+    """The order from the closures, or None when Jinja has to render it (and word the error)."""
+    if type(alert) is not dict:
+        return None
+    out = {}
+    try:
+        for key, evaluate in leaves:
+            value = evaluate(alert)
+            if value is not None:
+                if value is _UNDEFINED:
+                    return None
+                out[key] = value
+    except Exception:  # an overflowing float, say: Jinja fails the same way and words it
+        return None
+    return out
+
+
 @dataclass(frozen=True)
 class OrderTemplate:
     """A route's `order:` mapping with each string leaf compiled."""
 
     tree: Any
+    fast: tuple[tuple[Any, Evaluate], ...] | None = field(default=None, init=False, repr=False, compare=False)
     combined: jinja2.Template | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "fast", _fast_order(self.tree))
         object.__setattr__(self, "combined", _combined(self.tree))
 
     def render(self, variables: Mapping[str, Any]) -> dict[str, Any]:
         """Render every leaf; a leaf that renders to None is left out of the order."""
+        if self.fast is not None:
+            out = _render_fast(self.fast, variables.get("alert"))
+            if out is not None:
+                return out
+        return self._render_jinja(variables)
+
+    def _render_jinja(self, variables: Mapping[str, Any]) -> dict[str, Any]:
+        """`render` without the fast path: Jinja renders the order."""
         names = with_globals(variables)
         if self.combined is not None:
             try:
