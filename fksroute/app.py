@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import logging
 import time
 from typing import Any, Callable, Mapping
 
@@ -17,38 +18,21 @@ from fksroute.config import thaw
 from fksroute.daemon import Daemon
 from fksroute.webhook import Reply, json_safe
 
+log = logging.getLogger("fksroute.app")
+
 
 _STRICT = json.JSONEncoder(default=str, allow_nan=False).encode  # built once, not per reply
 
 
-def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> Response:
+def _encode(body: Any) -> str:
     try:
-        text = _STRICT(body)
+        return _STRICT(body)
     except ValueError:  # an overflowed number somewhere: replies are strict JSON all the same
-        text = json.dumps(json_safe(body), default=str)
-    return Response(text, status, headers=headers, media_type="application/json")
+        return json.dumps(json_safe(body), default=str)
 
 
-def _reply(reply: Reply) -> Response:
-    return _json(reply.status, reply.body, dict(reply.headers))
-
-
-async def _read_limited(request: Request, limit: int) -> bytes | None:
-    """The body, or None as soon as it is known to exceed `limit` (never read whole)."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            if int(declared) > limit:
-                return None
-        except ValueError:
-            return None
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
+def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> Response:
+    return Response(_encode(body), status, headers=headers, media_type="application/json")
 
 
 def _is_loopback(host: str | None) -> bool:
@@ -73,24 +57,11 @@ def admin_allowed(peer: str | None, headers: Mapping[str, str], admin_token: str
             and hmac.compare_digest(given.strip().encode(), admin_token.encode()))
 
 
-def create_app(daemon: Daemon, lifespan: Callable[[Starlette], Any] | None = None) -> Starlette:
+def create_app(daemon: Daemon, lifespan: Callable[[Starlette], Any] | None = None) -> Callable:
     """The ASGI app for `daemon`; `lifespan` starts and stops it (see fksroute.server)."""
 
-    async def webhook(request: Request) -> Response:
-        started = time.perf_counter()
-        handler = daemon.webhook
-        headers = {k.lower(): v for k, v in request.headers.items()}
-        peer = request.client.host if request.client else None
-        source, refused = handler.admit(peer, headers)
-        if refused is not None:
-            return _reply(refused)
-        limit = daemon.deployment.table.security.max_body_bytes
-        body = await _read_limited(request, limit)
-        if body is None:
-            return _reply(handler.too_large(source, limit))
-        reply = await handler.handle(body, headers, source, request.path_params.get("token"))
-        daemon.metrics.latency.observe(time.perf_counter() - started)
-        return _reply(reply)
+    endpoint = _WebhookEndpoint(daemon)
+    webhook = _RouteEndpoint(endpoint)
 
     async def health(request: Request) -> Response:
         return _json(200, await daemon.health())
@@ -137,7 +108,7 @@ def create_app(daemon: Daemon, lifespan: Callable[[Starlette], Any] | None = Non
         outcome = await daemon.reload("http")
         return _json(200 if outcome.ok else 400, outcome.as_dict())
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/webhook/tradingview", webhook, methods=["POST"]),
             Route("/webhook", webhook, methods=["POST"]),
@@ -152,3 +123,109 @@ def create_app(daemon: Daemon, lifespan: Callable[[Starlette], Any] | None = Non
         ],
         lifespan=lifespan,
     )
+    return _Front(app, endpoint)
+
+
+_WEBHOOK_PATHS = {"/webhook", "/webhook/tradingview"}
+
+
+def webhook_token(path: str) -> tuple[bool, str | None]:
+    """Is `path` a webhook path, and which token does it carry? The same paths as the routes
+    above: /webhook, /webhook/tradingview, and either followed by one token segment."""
+    if path in _WEBHOOK_PATHS:
+        return True, None
+    head, _, token = path.rpartition("/")
+    if head in _WEBHOOK_PATHS and token:
+        return True, token
+    return False, None
+
+
+class _Front:
+    """Alerts skip Starlette's router and middleware: a POST to a webhook path goes straight to
+    the endpoint below, the rest (and a webhook path with another method: 405) to Starlette."""
+
+    def __init__(self, app: Starlette, webhook: "_WebhookEndpoint") -> None:
+        self.app = app
+        self.webhook = webhook
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            matched, token = webhook_token(scope["path"])
+            if matched:
+                await self.webhook(scope, receive, send, token)
+                return
+        await self.app(scope, receive, send)
+
+
+class _WebhookEndpoint:
+    """POST /webhook[/tradingview][/<token>] as a plain ASGI endpoint: the alert path, lean."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable, token: str | None) -> None:
+        started = time.perf_counter()
+        try:
+            reply = await self._reply(scope, receive, token)
+        except _Disconnected:
+            return  # the client went away before its body arrived: nobody to answer
+        except Exception:  # a bug must still get an answer, and a traceback in the log
+            log.exception("webhook: unexpected error")
+            reply = Reply(500, {"success": False, "error": "Internal error", "alert_id": None, "duplicate": False,
+                                "order_id": None, "results": []})
+        self.daemon.metrics.latency.observe(time.perf_counter() - started)
+        text = _encode(reply.body).encode()
+        headers = [(b"content-length", str(len(text)).encode()), (b"content-type", b"application/json")]
+        headers.extend((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers.items())
+        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+        await send({"type": "http.response.body", "body": text})
+
+    async def _reply(self, scope: dict, receive: Callable, token: str | None) -> Reply:
+        handler = self.daemon.webhook
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        client = scope.get("client")
+        source, refused = handler.admit(client[0] if client else None, headers)
+        if refused is not None:
+            return refused
+        limit = self.daemon.deployment.table.security.max_body_bytes
+        body = await _read_body(headers.get("content-length"), receive, limit)
+        if body is None:
+            return handler.too_large(source, limit)
+        return await handler.handle(body, headers, source, token)
+
+
+class _Disconnected(Exception):
+    pass
+
+
+class _RouteEndpoint:
+    """The endpoint as a Starlette route (which answers 405 to other methods), should a POST
+    ever reach the router rather than the front."""
+
+    def __init__(self, endpoint: _WebhookEndpoint) -> None:
+        self.endpoint = endpoint
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        await self.endpoint(scope, receive, send, scope.get("path_params", {}).get("token"))
+
+
+async def _read_body(declared: str | None, receive: Callable, limit: int) -> bytes | None:
+    """The body, or None as soon as it is known to exceed `limit` (never read whole)."""
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                return None
+        except ValueError:
+            return None
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _Disconnected
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)

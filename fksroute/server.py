@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import gc
 import logging
+import logging.handlers
 import os
+import queue
 import signal
 import ssl
 import sys
@@ -29,8 +32,22 @@ GC_THRESHOLD = 10000
 _MAX_LINKS = 40
 
 
+_listener: logging.handlers.QueueListener | None = None
+
+
 def setup_logging(level: str = "INFO") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    """Log lines to stderr (journald under systemd). A line is formatted, and its secrets
+    redacted, where it is logged; a thread writes it, so the event loop never waits on stderr."""
+    global _listener
+    if _listener is not None:
+        _listener.stop()
+    lines: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    writer = logging.StreamHandler(sys.stderr)
+    writer.setFormatter(logging.Formatter("%(message)s"))  # formatted already, traceback included
+    _listener = logging.handlers.QueueListener(lines, writer)
+    _listener.start()
+    atexit.register(_listener.stop)  # what is queued is written before the process ends
+    handler = logging.handlers.QueueHandler(lines)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(REDACTOR)
     root = logging.getLogger()
