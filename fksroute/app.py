@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import json
 import logging
 import time
 from typing import Any, Callable, Mapping
@@ -16,23 +15,13 @@ from starlette.routing import Route
 
 from fksroute.config import thaw
 from fksroute.daemon import Daemon
-from fksroute.webhook import Reply, json_safe
+from fksroute.webhook import Reply, encode_reply
 
 log = logging.getLogger("fksroute.app")
 
 
-_STRICT = json.JSONEncoder(default=str, allow_nan=False).encode  # built once, not per reply
-
-
-def _encode(body: Any) -> str:
-    try:
-        return _STRICT(body)
-    except ValueError:  # an overflowed number somewhere: replies are strict JSON all the same
-        return json.dumps(json_safe(body), default=str)
-
-
 def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> Response:
-    return Response(_encode(body), status, headers=headers, media_type="application/json")
+    return Response(encode_reply(body), status, headers=headers, media_type="application/json")
 
 
 def _is_loopback(host: str | None) -> bool:
@@ -174,7 +163,7 @@ class _WebhookEndpoint:
             reply = Reply(500, {"success": False, "error": "Internal error", "alert_id": None, "duplicate": False,
                                 "order_id": None, "results": []})
         self.daemon.metrics.latency.observe(time.perf_counter() - started)
-        text = _encode(reply.body).encode()
+        text = reply.encoded().encode()
         headers = [(b"content-length", str(len(text)).encode()), (b"content-type", b"application/json")]
         headers.extend((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers.items())
         await send({"type": "http.response.start", "status": reply.status, "headers": headers})

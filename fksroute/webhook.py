@@ -33,6 +33,22 @@ class Reply:
     status: int
     body: Mapping[str, Any]
     headers: Mapping[str, str] = field(default_factory=dict)
+    text: str | None = None  # `body` as JSON, when it was encoded already
+
+    def encoded(self) -> str:
+        return self.text if self.text is not None else encode_reply(self.body)
+
+
+_STRICT = json.JSONEncoder(default=str, allow_nan=False).encode  # built once, not per reply
+
+
+def encode_reply(body: Any) -> str:
+    """The reply as strict JSON, whatever a plugin or a template computed (a price times 1e308
+    overflows): a number JSON cannot carry becomes null."""
+    try:
+        return _STRICT(body)
+    except ValueError:
+        return json.dumps(json_safe(body), default=str)
 
 
 class BadAlert(ValueError):
@@ -366,19 +382,22 @@ class WebhookHandler:
                 task.add_done_callback(lambda t: t.exception())
             reply = (self._conflict(exc, source, stored) if isinstance(exc, JournalConflict)
                      else self._journal_down(exc))
-            reply_future.set_result((reply.status, reply.body))
+            reply_future.set_result((reply.status, reply.encoded()))
             return reply
         # Journaled: whatever happens now, the answer is not a 5xx (TradingView would resend).
         try:
             body = await self._answer(alert_id, plan, rows, tasks, source, status, label)
         except asyncio.CancelledError:  # the server is going down: resends still learn it was taken
-            reply_future.set_result((202, reply_body(alert_id, [])))
+            reply_future.set_result((202, encode_reply(reply_body(alert_id, []))))
             raise
         except Exception:
             log.exception("alert %s: building the answer failed; its orders continue", alert_id)
             body = reply_body(alert_id, [])
-        reply_future.set_result((status, body))
-        return Reply(status, body)
+        # A resend within the window gets this answer again: kept as its JSON text, which the
+        # HTTP reply needs anyway and which takes a fraction of the memory of the objects.
+        text = encode_reply(body)
+        reply_future.set_result((status, text))
+        return Reply(status, body, text=text)
 
     async def _answer(self, alert_id: str, plan: Plan, rows: list[tuple], tasks: dict[int, asyncio.Task],
                       source: str | None, status: int, label: str | None) -> dict[str, Any]:
@@ -415,6 +434,8 @@ class WebhookHandler:
             status, first = await asyncio.wait_for(asyncio.shield(seen.reply), ANSWER_WITHIN)
         except asyncio.TimeoutError:
             status, first = 202, reply_body(seen.alert_id, [], error=None)
+        if isinstance(first, str):
+            first = json.loads(first)
         body = dict(first) | {"duplicate": True, "alert_id": seen.alert_id}
         daemon.metrics.alert("duplicate")
         try:
