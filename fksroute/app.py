@@ -163,7 +163,7 @@ class _WebhookEndpoint:
             reply = Reply(500, {"success": False, "error": "Internal error", "alert_id": None, "duplicate": False,
                                 "order_id": None, "results": []})
         self.daemon.metrics.latency.observe(time.perf_counter() - started)
-        text = reply.encoded().encode()
+        text = encode_reply(reply.body).encode()
         headers = [(b"content-length", str(len(text)).encode()), (b"content-type", b"application/json")]
         headers.extend((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers.items())
         await send({"type": "http.response.start", "status": reply.status, "headers": headers})

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from fksroute import config
-from fksroute.dedup import DedupCache, settled
+from fksroute.dedup import DedupCache
 from fksroute.deployment import CLOSE_TIMEOUT, Deployment, PluginStartError, close_plugins, deploy, retired
 from fksroute.dispatch import Dispatcher
 from fksroute.journal import Journal, JournalError
@@ -18,7 +18,7 @@ from fksroute.metrics import Metrics
 from fksroute.routing import RoutingTable
 from fksroute.security import RateLimiter
 from fksroute.systemd import Notifier
-from fksroute.webhook import WebhookHandler, journaled_reply
+from fksroute.webhook import WebhookHandler
 
 log = logging.getLogger("fksroute.daemon")
 DRAIN_TIMEOUT = 10.0
@@ -184,11 +184,10 @@ class Daemon:
             windows.append(table.defaults.dedup_window.total_seconds())
         window = max(windows or [60.0])
         now = time.time()
-        for key, alert_id, received_at, status, reply in await self.journal.dedup_entries(now - window):
-            if reply is None:  # killed before its answer was journaled: rebuilt from its orders
-                reply = journaled_reply(alert_id, await self.journal.order_results(alert_id))
-            # A resend gets the first delivery's status too (202 for an async alert).
-            self.dedup.add(key, alert_id, received_at + window - now, settled((status or 200, reply)), now)
+        for key, alert_id, received_at, status, _ in await self.journal.dedup_entries(now - window):
+            # A resend gets the first delivery's status (202 for an async alert) and its orders as
+            # the journal holds them (see WebhookHandler._duplicate).
+            self.dedup.add(key, alert_id, received_at + window - now, None, now, status=status or 200)
 
     def _apply_security(self, table: RoutingTable) -> None:
         s = table.security

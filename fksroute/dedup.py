@@ -6,16 +6,21 @@ import asyncio
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
 
 
 @dataclass
 class Seen:
-    """The first delivery of an alert; `reply` resolves to its answer (status, body)."""
+    """The first delivery of an alert. While it is being answered, `reply` resolves to its answer
+    (status, body); once answered, only its status is kept, and a resend's answer is rebuilt from
+    the journal, so that a busy window does not hold every reply in memory."""
 
     alert_id: str
     expires: float
-    reply: asyncio.Future = field(repr=False)
+    reply: asyncio.Future | None = field(default=None, repr=False)
+    status: int = 200
+
+    def answered(self, status: int) -> None:
+        self.status, self.reply = status, None
 
 
 class DedupCache:
@@ -30,10 +35,11 @@ class DedupCache:
             return None
         return seen
 
-    def add(self, key: str, alert_id: str, window: float, reply: asyncio.Future, now: float | None = None) -> Seen:
+    def add(self, key: str, alert_id: str, window: float, reply: asyncio.Future | None, now: float | None = None,
+            status: int = 200) -> Seen:
         now = time.time() if now is None else now
         self._prune(now)
-        seen = Seen(alert_id, now + window, reply)
+        seen = Seen(alert_id, now + window, reply, status)
         self._seen[key] = seen
         self._seen.move_to_end(key)
         return seen
@@ -53,9 +59,3 @@ class DedupCache:
 
     def __len__(self) -> int:
         return len(self._seen)
-
-
-def settled(value: Any) -> asyncio.Future:
-    future = asyncio.get_running_loop().create_future()
-    future.set_result(value)
-    return future

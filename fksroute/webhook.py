@@ -33,10 +33,6 @@ class Reply:
     status: int
     body: Mapping[str, Any]
     headers: Mapping[str, str] = field(default_factory=dict)
-    text: str | None = None  # `body` as JSON, when it was encoded already
-
-    def encoded(self) -> str:
-        return self.text if self.text is not None else encode_reply(self.body)
 
 
 _STRICT = json.JSONEncoder(default=str, allow_nan=False).encode  # built once, not per reply
@@ -371,7 +367,7 @@ class WebhookHandler:
         except JournalError as exc:
             return self._journal_down(exc)
         reply_future: asyncio.Future = asyncio.get_running_loop().create_future()
-        daemon.dedup.add(key, alert_id, plan.dedup_window.total_seconds(), reply_future)
+        seen = daemon.dedup.add(key, alert_id, plan.dedup_window.total_seconds(), reply_future)
         tasks = {pos: daemon.dispatcher.submit(req, deployment.plugins.get(req.plugin), committed)
                  for pos, req in enumerate(requests) if req is not None}
         try:
@@ -382,22 +378,21 @@ class WebhookHandler:
                 task.add_done_callback(lambda t: t.exception())
             reply = (self._conflict(exc, source, stored) if isinstance(exc, JournalConflict)
                      else self._journal_down(exc))
-            reply_future.set_result((reply.status, reply.encoded()))
+            reply_future.set_result((reply.status, reply.body))
             return reply
         # Journaled: whatever happens now, the answer is not a 5xx (TradingView would resend).
         try:
             body = await self._answer(alert_id, plan, rows, tasks, source, status, label)
         except asyncio.CancelledError:  # the server is going down: resends still learn it was taken
-            reply_future.set_result((202, encode_reply(reply_body(alert_id, []))))
+            reply_future.set_result((202, reply_body(alert_id, [])))
+            seen.answered(202)
             raise
         except Exception:
             log.exception("alert %s: building the answer failed; its orders continue", alert_id)
             body = reply_body(alert_id, [])
-        # A resend within the window gets this answer again: kept as its JSON text, which the
-        # HTTP reply needs anyway and which takes a fraction of the memory of the objects.
-        text = encode_reply(body)
-        reply_future.set_result((status, text))
-        return Reply(status, body, text=text)
+        reply_future.set_result((status, body))  # for resends that arrived meanwhile
+        seen.answered(status)
+        return Reply(status, body)
 
     async def _answer(self, alert_id: str, plan: Plan, rows: list[tuple], tasks: dict[int, asyncio.Task],
                       source: str | None, status: int, label: str | None) -> dict[str, Any]:
@@ -430,12 +425,18 @@ class WebhookHandler:
 
     async def _duplicate(self, seen: Any, key: str, stored: str, source: str | None) -> Reply:
         daemon = self.daemon
-        try:
-            status, first = await asyncio.wait_for(asyncio.shield(seen.reply), ANSWER_WITHIN)
-        except asyncio.TimeoutError:
-            status, first = 202, reply_body(seen.alert_id, [], error=None)
-        if isinstance(first, str):
-            first = json.loads(first)
+        if seen.reply is not None:  # the first delivery is still being answered
+            try:
+                status, first = await asyncio.wait_for(asyncio.shield(seen.reply), ANSWER_WITHIN)
+            except asyncio.TimeoutError:
+                status, first = 202, reply_body(seen.alert_id, [], error=None)
+        else:  # answered: its orders, as the journal holds them now
+            status = seen.status
+            try:
+                first = journaled_reply(seen.alert_id, await daemon.journal.order_results(seen.alert_id))
+            except JournalError as exc:
+                log.error("journal: %s", exc)
+                first = reply_body(seen.alert_id, [])
         body = dict(first) | {"duplicate": True, "alert_id": seen.alert_id}
         daemon.metrics.alert("duplicate")
         try:
