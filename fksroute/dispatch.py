@@ -47,17 +47,25 @@ class Dispatcher:
         self._running: set[asyncio.Task] = set()
         self.unknown_orders = 0  # orders whose outcome nobody knows: the user must look at the venue
 
-    def submit(self, request: OrderRequest, plugin: Plugin | None, committed: Awaitable[Any]) -> asyncio.Task:
-        """Queue `request` behind its lane's last order. Call in arrival order, without awaiting between."""
+    def submit(self, request: OrderRequest, plugin: Plugin | None, committed: Awaitable[Any]) -> asyncio.Future:
+        """Queue `request` behind its lane's last order. Call in arrival order, without awaiting between.
+
+        The returned future resolves to the order's result once it is journaled, or to None when
+        the order was never executed (its alert could not be journaled). For a plugin that can
+        take an order again after a crash (`resend_safe`), it resolves as soon as the plugin
+        answers: its journal write follows, and recovery repeats the order exactly if a crash
+        comes first, so that the answer need not wait for that commit."""
         return self._enqueue(request, plugin, committed, reconcile=False)
 
     def _enqueue(self, request: OrderRequest, plugin: Plugin | None, committed: Awaitable[Any],
-                 reconcile: bool) -> asyncio.Task:
+                 reconcile: bool) -> asyncio.Future:
         lane = lane_of(request)
         previous = self._tails.get(lane)
         # The lane is held until this order has been executed, not until its result is on disk:
         # the next order's journal write then shares a commit with this one's result.
-        executed: asyncio.Future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        executed: asyncio.Future = loop.create_future()  # resolves to the plugin's result
+        answered = executed if getattr(plugin, "resend_safe", False) else loop.create_future()
         self._tails[lane] = executed
         self._hold(plugin)
         task = asyncio.ensure_future(self._run(request, plugin, previous, committed, reconcile, executed))
@@ -67,18 +75,23 @@ class Dispatcher:
             self._running.discard(t)
             if not executed.done():
                 executed.set_result(None)
+            if not answered.done():
+                answered.set_result(None if t.cancelled() or t.exception() is not None else t.result())
             if self._tails.get(lane) is executed:
                 del self._tails[lane]
             self._release(plugin)
 
         task.add_done_callback(done)
-        return task
+        return answered
 
     async def _run(self, request: OrderRequest, plugin: Plugin | None, previous: asyncio.Future | None,
-                   committed: Awaitable[Any], reconcile: bool, executed: asyncio.Future) -> OrderResult:
+                   committed: Awaitable[Any], reconcile: bool, executed: asyncio.Future) -> OrderResult | None:
         if previous is not None and not previous.done():
             await asyncio.wait([previous])  # its failure is its own; order is all we keep
-        await committed  # JournalError here: the alert was never accepted, nothing is sent
+        try:
+            await committed
+        except JournalError:
+            return None  # the alert was never accepted: nothing is sent (its sender answers 503)
         if reconcile:
             result = await self._reconcile(request, plugin)
         elif plugin is None:
@@ -88,7 +101,7 @@ class Dispatcher:
                 # A plugin that could execute an id twice needs to know, after a crash, that it was sent.
                 await self._retry_journal(lambda: self.journal.mark_sent(request.client_order_id))
             result = await self._execute(request, plugin)
-        executed.set_result(None)
+        executed.set_result(result)
         await self._retry_journal(lambda: self.journal.record_result(request.client_order_id, result))
         self._count(request, result)
         log.info("alert %s order %s route=%s plugin=%s %s %s %s: %s%s", request.alert_id, request.client_order_id,

@@ -368,21 +368,19 @@ class WebhookHandler:
             return self._journal_down(exc)
         reply_future: asyncio.Future = asyncio.get_running_loop().create_future()
         seen = daemon.dedup.add(key, alert_id, plan.dedup_window.total_seconds(), reply_future)
-        tasks = {pos: daemon.dispatcher.submit(req, deployment.plugins.get(req.plugin), committed)
-                 for pos, req in enumerate(requests) if req is not None}
+        executions = {pos: daemon.dispatcher.submit(req, deployment.plugins.get(req.plugin), committed)
+                      for pos, req in enumerate(requests) if req is not None}
         try:
             await committed
-        except JournalError as exc:
+        except JournalError as exc:  # its orders see the same error and send nothing
             daemon.dedup.forget(key, alert_id)
-            for task in tasks.values():  # they fail on the same error: nothing was sent
-                task.add_done_callback(lambda t: t.exception())
             reply = (self._conflict(exc, source, stored) if isinstance(exc, JournalConflict)
                      else self._journal_down(exc))
             reply_future.set_result((reply.status, reply.body))
             return reply
         # Journaled: whatever happens now, the answer is not a 5xx (TradingView would resend).
         try:
-            body = await self._answer(alert_id, plan, rows, tasks, source, status, label)
+            body = await self._answer(alert_id, plan, rows, executions, source, status, label)
         except asyncio.CancelledError:  # the server is going down: resends still learn it was taken
             reply_future.set_result((202, reply_body(alert_id, [])))
             seen.answered(202)
@@ -394,30 +392,32 @@ class WebhookHandler:
         seen.answered(status)
         return Reply(status, body)
 
-    async def _answer(self, alert_id: str, plan: Plan, rows: list[tuple], tasks: dict[int, asyncio.Task],
+    async def _answer(self, alert_id: str, plan: Plan, rows: list[tuple], executions: dict[int, asyncio.Future],
                       source: str | None, status: int, label: str | None) -> dict[str, Any]:
+        """The answer once every order has been executed (or ANSWER_WITHIN has passed): its
+        result is answered as the plugin gave it, while its journal write is on its way."""
         daemon = self.daemon
-        if tasks and status != 202:
-            await _settled(tasks.values(), ANSWER_WITHIN)
+        if executions and status != 202:
+            await _settled(executions.values(), ANSWER_WITHIN)
         results = []
         for position, planned in enumerate(plan.orders):
-            task = tasks.get(position)
+            execution = executions.get(position)
             coid = rows[position][0]
-            if task is None:
+            if execution is None:
                 results.append(result_entry(planned.route, planned.plugin, None, status=planned.status,
                                             order=planned.order, client_order_id=coid)
                                | {"reason": planned.reason})
-            elif task.done() and not task.cancelled() and task.exception() is None:
-                results.append(result_entry(planned.route, planned.plugin, task.result(), order=planned.order,
+            elif execution.done() and execution.result() is not None:
+                results.append(result_entry(planned.route, planned.plugin, execution.result(), order=planned.order,
                                             client_order_id=coid))
             else:
                 results.append(result_entry(planned.route, planned.plugin, None, status="queued",
                                             order=planned.order, client_order_id=coid))
         body = reply_body(alert_id, results)
         # Every route skipped it: counted by the first route's reason.
-        daemon.metrics.alert("accepted" if tasks else f"skipped_{label}" if label else "skipped")
+        daemon.metrics.alert("accepted" if executions else f"skipped_{label}" if label else "skipped")
         # Each executed order has its own line (dispatch); this one matters when nothing ran.
-        level = logging.DEBUG if tasks else logging.INFO
+        level = logging.DEBUG if executions else logging.INFO
         if log.isEnabledFor(level):
             log.log(level, "alert %s from %s: %s routes=%s %s", alert_id, source, status, plan.routes,
                     [r["status"] for r in results])

@@ -183,7 +183,10 @@ def test_the_answer_rebuilt_from_the_journal_is_the_answer_given(deduping):
     for alert in ({**ALERT, "symbol": "REB/USDT"}, {**ALERT, "kind": "custom", "coid": "rebuilt-1"},
                   {**ALERT, "kind": "switched"}):
         given = deduping.post(json=alert).json()
-        entry = read_recent(deduping.ledger.parent / "journal.sqlite", alert_id=given["alert_id"])[0]
+        # A paper order's result is answered as soon as it fills; its journal write follows.
+        entry = wait_for(lambda: (e := read_recent(deduping.ledger.parent / "journal.sqlite",
+                                                   alert_id=given["alert_id"])[0])
+                         and all(o["state"] == "done" for o in e["orders"]) and e, what="the results journaled")
         assert journaled_reply(given["alert_id"], entry["orders"]) == given
 
 
