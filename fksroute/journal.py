@@ -18,6 +18,7 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -110,11 +111,14 @@ class OrderRow:
 
 
 class _Op:
-    __slots__ = ("run", "future", "loop")
+    """One write: `run` does it alone; `batch`, when set, says what it writes, so that a group's
+    alerts, orders and results go to SQLite as a few multi-row statements."""
+
+    __slots__ = ("batch", "future", "loop", "run")
 
     def __init__(self, run: Callable[[sqlite3.Connection], Any], future: asyncio.Future | None,
-                 loop: asyncio.AbstractEventLoop | None) -> None:
-        self.run, self.future, self.loop = run, future, loop
+                 loop: asyncio.AbstractEventLoop | None, batch: tuple | None = None) -> None:
+        self.run, self.future, self.loop, self.batch = run, future, loop, batch
 
 
 Outcomes = list[tuple[bool, Any]]
@@ -131,7 +135,7 @@ class Journal:
         self._committing = False       # a group is with the thread: the connection is its own
         self._closed = True
         self._flush_on: asyncio.AbstractEventLoop | None = None  # a flush is scheduled on this loop
-        self._groups: queue.SimpleQueue[tuple[list[_Op], Outcomes | None] | None] = queue.SimpleQueue()
+        self._groups: queue.SimpleQueue[list[_Op] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
         self.healthy = True
@@ -175,7 +179,7 @@ class Journal:
         with self._lock:
             left, self._pending = self._pending, []
         if left:
-            self._write(left, None)
+            self._write(left)
         try:
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error:
@@ -186,61 +190,42 @@ class Journal:
     # --- group commit -----------------------------------------------------------------------
 
     def _flush(self) -> None:
-        """On the event loop: start the next group, unless one is committing (it flushes when done)."""
+        """On the event loop: hand the queued writes to the thread as one group, unless a group is
+        committing (the thread takes what queued meanwhile when it is done)."""
         with self._lock:
             self._flush_on = None
             if self._committing or self._closed or not self._pending:
                 return
             group, self._pending = self._pending, []
             self._committing = True
-            conn = self._conn
-            assert conn is not None
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error:
-                # Locked by another process (or worse): the thread waits for the lock, then writes.
-                self._groups.put((group, None))
-                return
-            try:
-                outcomes = self._apply(conn, group)
-            except sqlite3.Error as exc:  # the disk or the lock: the whole group fails
-                _rollback(conn)
-                self._committing = False
-                self._failed(group, exc)
-                self._schedule_flush()
-                return
-            self._groups.put((group, outcomes))
+            self._groups.put(group)
 
     def _run(self) -> None:
-        """The journal's thread: commits each group the loop prepared; writes the whole group
-        itself when the loop could not begin it (the file was locked)."""
-        conn = self._conn
-        assert conn is not None
-        while (item := self._groups.get()) is not None:
-            group, outcomes = item
-            self._write(group, outcomes)
+        """The journal's thread: writes and commits each group, then takes, as the next group,
+        whatever queued meanwhile, without waiting for the event loop."""
+        while (group := self._groups.get()) is not None:
+            while group:
+                self._write(group)
+                with self._lock:
+                    group, self._pending = (self._pending, []) if not self._closed else ([], self._pending)
+                    self._committing = bool(group)
 
-    def _write(self, group: list[_Op], outcomes: Outcomes | None) -> None:
+    def _write(self, group: list[_Op]) -> None:
         conn = self._conn
         assert conn is not None
         try:
-            if outcomes is None:
-                self._begin(conn)
-                outcomes = self._apply(conn, group)
+            self._begin(conn)
+            outcomes = self._apply(conn, group)
             conn.execute("COMMIT")
         except Exception as exc:
             _rollback(conn)
-            with self._lock:
-                self._committing = False
             self._failed(group, exc)
         else:
             with self._lock:
-                self._committing = False
                 self.commits += 1
                 self.writes += sum(1 for ok, _ in outcomes if ok)
                 self.healthy, self.last_error = True, None
             self._settle(group, outcomes)
-        self._kick(group)
 
     def _begin(self, conn: sqlite3.Connection) -> None:
         """BEGIN IMMEDIATE, waiting up to busy_timeout for another process's write lock."""
@@ -259,11 +244,11 @@ class Journal:
         first op that fails for its own reasons undoes the group, which then runs again with one
         savepoint per op, so that the bad op fails alone."""
         try:
-            return _ops(conn, group, isolate=False)
+            return _batched(conn, group)
         except _Redo:
             _rollback(conn)
             self._begin(conn)
-            return _ops(conn, group, isolate=True)
+            return _isolated(conn, group)
 
     def _failed(self, group: list[_Op], exc: BaseException) -> None:
         self.healthy, self.last_error = False, str(exc)
@@ -282,38 +267,23 @@ class Journal:
             except RuntimeError:  # the loop is closed: nobody waits any more
                 pass
 
-    def _kick(self, group: list[_Op]) -> None:
-        """After a commit: the writes queued meanwhile form the next group, on their loop."""
-        with self._lock:
-            if self._closed or self._committing or not self._pending:
-                return
-            loop = next((op.loop for op in self._pending if op.loop is not None), None)
-            if loop is not None and not loop.is_closed():
-                try:
-                    loop.call_soon_threadsafe(self._flush)
-                    return
-                except RuntimeError:  # closed meanwhile
-                    pass
-            group, self._pending = self._pending, []  # nobody's loop to run them: written here
-            self._committing = True
-            self._groups.put((group, None))
-
     def _schedule_flush(self) -> None:
         """Called with the lock held."""
         if not self._pending or self._committing:
             return
         try:
             loop = asyncio.get_running_loop()
-        except RuntimeError:  # no event loop here (a script): the thread writes the group whole
+        except RuntimeError:  # no event loop here (a script): the thread takes it now
             group, self._pending = self._pending, []
             self._committing = True
-            self._groups.put((group, None))
+            self._groups.put(group)
             return
         if self._flush_on is not loop or loop.is_closed():
             self._flush_on = loop
             loop.call_soon(self._flush)
 
-    def _submit(self, run: Callable[[sqlite3.Connection], Any], wait: bool = True) -> asyncio.Future | None:
+    def _submit(self, run: Callable[[sqlite3.Connection], Any], wait: bool = True,
+                batch: tuple | None = None) -> asyncio.Future | None:
         """Queue a write; the returned future resolves once it is committed (fsynced).
 
         Without `wait` the write is best effort: dropped when the writer is far behind, so that a
@@ -329,12 +299,12 @@ class Journal:
                 if len(self._pending) >= BEST_EFFORT_BACKLOG:
                     self.dropped += 1
                     return None
-                self._pending.append(_Op(run, None, loop))
+                self._pending.append(_Op(run, None, loop, batch))
                 self._schedule_flush()
                 return None
             loop = asyncio.get_running_loop()
             future = loop.create_future()
-            self._pending.append(_Op(run, future, loop))
+            self._pending.append(_Op(run, future, loop, batch))
             self._schedule_flush()
             return future
 
@@ -355,23 +325,17 @@ class Journal:
         Each order is (client_order_id, route, plugin, request, state, status, skip reason).
         """
         now = time.time()
-        order_rows = list(orders)
-        reply_text = _TEXT(reply) if reply is not None else None
+        alert_row = (alert_id, now, source, body, outcome, reason, http_status, dedup_key, duplicate_of,
+                     _TEXT(reply) if reply is not None else None, config_version)
+        order_rows = [(coid, alert_id, i, route, plugin, _TEXT(request) if request is not None else None,
+                       state, status, _TEXT({"reason": reason}) if reason else None, now, now)
+                      for i, (coid, route, plugin, request, state, status, reason) in enumerate(orders)]
 
         def run(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT INTO alerts (id, received_at, source, body, outcome, reason, http_status, dedup_key,"
-                " duplicate_of, reply, config_version) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (alert_id, now, source, body, outcome, reason, http_status, dedup_key, duplicate_of,
-                 reply_text, config_version))
-            conn.executemany(
-                "INSERT INTO orders (client_order_id, alert_id, position, route, plugin, request, state, status,"
-                " detail, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                [(coid, alert_id, i, route, plugin, _TEXT(request) if request is not None else None,
-                  state, status, json.dumps({"reason": reason}) if reason else None, now, now)
-                 for i, (coid, route, plugin, request, state, status, reason) in enumerate(order_rows)])
+            conn.execute(_rows(_INSERT_ALERTS, 11, 1), alert_row)
+            conn.executemany(_rows(_INSERT_ORDERS, 11, 1), order_rows)
 
-        return self._submit(run, wait)
+        return self._submit(run, wait, ("alert", alert_row, order_rows))
 
     def mark_sent(self, client_order_id: str) -> asyncio.Future:
         def run(conn: sqlite3.Connection) -> None:
@@ -381,16 +345,15 @@ class Journal:
         return self.run(run)
 
     def record_result(self, client_order_id: str, result: OrderResult) -> asyncio.Future:
-        state = OPEN if result.status == "placed" else DONE
+        row = (client_order_id, OPEN if result.status == "placed" else DONE, result.status, result.order_id,
+               result.error, result.filled_quantity, result.average_price, _TEXT(dict(result.detail)), time.time())
 
         def run(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "UPDATE orders SET state = ?, status = ?, order_id = ?, error = ?, filled_quantity = ?,"
-                " average_price = ?, detail = ?, updated_at = ? WHERE client_order_id = ?",
-                (state, result.status, result.order_id, result.error, result.filled_quantity,
-                 result.average_price, _TEXT(dict(result.detail)), time.time(), client_order_id))
+            conn.execute(_rows(_UPDATE_RESULTS, 9, 1), row)
 
-        return self.run(run)
+        future = self._submit(run, True, ("result", row))
+        assert future is not None
+        return future
 
     # --- reads (run on the writer thread, so they see every committed write) -------------------
 
@@ -444,24 +407,85 @@ def _order_dict(row: tuple) -> dict[str, Any]:
     return out
 
 
-def _ops(conn: sqlite3.Connection, group: list[_Op], isolate: bool) -> Outcomes:
+_INSERT_ALERTS = ("INSERT INTO alerts (id, received_at, source, body, outcome, reason, http_status, dedup_key,"
+                  " duplicate_of, reply, config_version) VALUES {}")
+_INSERT_ORDERS = ("INSERT INTO orders (client_order_id, alert_id, position, route, plugin, request, state, status,"
+                  " detail, created_at, updated_at) VALUES {}")
+_UPDATE_RESULTS = ("UPDATE orders SET state = v.column2, status = v.column3, order_id = v.column4, error = v.column5,"
+                   " filled_quantity = v.column6, average_price = v.column7, detail = v.column8,"
+                   " updated_at = v.column9 FROM (VALUES {}) AS v WHERE orders.client_order_id = v.column1")
+_MOST_ROWS = 64  # per statement; statements come in powers of two up to this, so that few are compiled
+
+
+@lru_cache(maxsize=None)
+def _rows(template: str, width: int, count: int) -> str:
+    """`template` with `count` placeholder rows of `width` values."""
+    return template.format(",".join(["(" + ",".join("?" * width) + ")"] * count))
+
+
+def _many(conn: sqlite3.Connection, template: str, width: int, rows: list[tuple]) -> None:
+    """All `rows` in a few statements: one step of SQLite (and one GIL hand-off) per statement, not per row."""
+    done = 0
+    while done < len(rows):
+        count = min(_MOST_ROWS, 1 << ((len(rows) - done).bit_length() - 1))
+        conn.execute(_rows(template, width, count), [v for row in rows[done:done + count] for v in row])
+        done += count
+
+
+def _batched(conn: sqlite3.Connection, group: list[_Op]) -> Outcomes:
+    """The fast path: a group's alert, order and result writes as multi-row statements, other
+    ops in their place. Raises _Redo when a write fails for its own reasons."""
+    alerts: list[tuple] = []
+    orders: list[tuple] = []
+    results: list[tuple] = []
+    updated: set[str] = set()
+
+    def write() -> None:
+        _many(conn, _INSERT_ALERTS, 11, alerts)
+        _many(conn, _INSERT_ORDERS, 11, orders)
+        _many(conn, _UPDATE_RESULTS, 9, results)  # after the inserts: an update may be for one of them
+        alerts.clear(), orders.clear(), results.clear(), updated.clear()
+
+    outcomes: Outcomes = []
+    try:
+        for op in group:
+            batch = op.batch
+            if batch is None:
+                write()
+                outcomes.append((True, op.run(conn)))
+                continue
+            if batch[0] == "alert":
+                alerts.append(batch[1])
+                orders.extend(batch[2])
+            else:
+                if batch[1][0] in updated:  # the same order twice: the later one must win
+                    write()
+                updated.add(batch[1][0])
+                results.append(batch[1])
+            outcomes.append((True, None))
+        write()
+    except sqlite3.OperationalError:
+        raise  # the disk or the lock: the whole group fails
+    except Exception:
+        raise _Redo() from None
+    return outcomes
+
+
+def _isolated(conn: sqlite3.Connection, group: list[_Op]) -> Outcomes:
+    """The slow path: each op alone inside a savepoint, so that a bad one fails alone."""
     outcomes: Outcomes = []
     for i, op in enumerate(group):
-        if isolate:
-            conn.execute(f"SAVEPOINT op{i}")
+        conn.execute(f"SAVEPOINT op{i}")
         try:
             outcomes.append((True, op.run(conn)))
         except sqlite3.OperationalError:
             raise  # the disk or the lock: the whole group fails
         except Exception as exc:  # a bad value in one write must not take the journal down
-            if not isolate:
-                raise _Redo() from None
             conn.execute(f"ROLLBACK TO op{i}")
             failure = (JournalConflict(f"journal: {exc}") if isinstance(exc, sqlite3.IntegrityError)
                        else JournalError(f"journal: {type(exc).__name__}: {exc}"))
             outcomes.append((False, failure))
-        if isolate:
-            conn.execute(f"RELEASE op{i}")
+        conn.execute(f"RELEASE op{i}")
     return outcomes
 
 
