@@ -152,7 +152,8 @@ class Journal:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # No busy wait inside SQLite: the event loop must never block on another process's
             # lock. When the file is locked, the thread waits for it instead (see _begin).
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=0)
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=0,
+                                   cached_statements=4 * _MOST_ROWS)  # every size of the three batched writes
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             conn.executescript(SCHEMA)
@@ -414,7 +415,7 @@ _INSERT_ORDERS = ("INSERT INTO orders (client_order_id, alert_id, position, rout
 _UPDATE_RESULTS = ("UPDATE orders SET state = v.column2, status = v.column3, order_id = v.column4, error = v.column5,"
                    " filled_quantity = v.column6, average_price = v.column7, detail = v.column8,"
                    " updated_at = v.column9 FROM (VALUES {}) AS v WHERE orders.client_order_id = v.column1")
-_MOST_ROWS = 64  # per statement; statements come in powers of two up to this, so that few are compiled
+_MOST_ROWS = 128  # per statement: a statement per size up to this is compiled once and cached
 
 
 @lru_cache(maxsize=None)
@@ -424,10 +425,11 @@ def _rows(template: str, width: int, count: int) -> str:
 
 
 def _many(conn: sqlite3.Connection, template: str, width: int, rows: list[tuple]) -> None:
-    """All `rows` in a few statements: one step of SQLite (and one GIL hand-off) per statement, not per row."""
+    """All `rows` in one statement (a few past _MOST_ROWS): one step of SQLite, and one wait for
+    the GIL after it, per statement rather than per row."""
     done = 0
     while done < len(rows):
-        count = min(_MOST_ROWS, 1 << ((len(rows) - done).bit_length() - 1))
+        count = min(_MOST_ROWS, len(rows) - done)
         conn.execute(_rows(template, width, count), [v for row in rows[done:done + count] for v in row])
         done += count
 
