@@ -87,7 +87,9 @@ class Dispatcher:
     async def _run(self, request: OrderRequest, plugin: Plugin | None, previous: asyncio.Future | None,
                    committed: Awaitable[Any], reconcile: bool, executed: asyncio.Future) -> OrderResult | None:
         if previous is not None and not previous.done():
-            await asyncio.wait([previous])  # its failure is its own; order is all we keep
+            # Resolved once the previous order has executed, whatever its outcome (its failure is
+            # its own: order is all we keep); cancelled only when the daemon is going down.
+            await previous
         try:
             await committed
         except JournalError:
@@ -101,7 +103,8 @@ class Dispatcher:
                 # A plugin that could execute an id twice needs to know, after a crash, that it was sent.
                 await self._retry_journal(lambda: self.journal.mark_sent(request.client_order_id))
             result = await self._execute(request, plugin)
-        executed.set_result(result)
+        if not executed.done():
+            executed.set_result(result)
         await self._retry_journal(lambda: self.journal.record_result(request.client_order_id, result))
         self._count(request, result)
         log.info("alert %s order %s route=%s plugin=%s %s %s %s: %s%s", request.alert_id, request.client_order_id,
