@@ -8,7 +8,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 
-@dataclass
+@dataclass(slots=True)
 class Seen:
     """The first delivery of an alert. While it is being answered, `reply` resolves to its answer
     (status, body); once answered, only its status is kept, and a resend's answer is rebuilt from

@@ -20,7 +20,7 @@ SUCCESS_STATUSES = frozenset({FILLED, PLACED, DRY_RUN, "skipped", "queued"})
 Settings = TypeVar("Settings")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class OrderRequest:
     """One validated order on its way to a plugin.
 
@@ -37,7 +37,7 @@ class OrderRequest:
     order: Mapping[str, Any]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class OrderResult:
     """What became of one order. `detail` holds plain JSON data only (it is journaled)."""
 
