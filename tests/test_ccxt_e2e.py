@@ -76,6 +76,7 @@ def test_seed_buy_market_is_filled_at_the_exchange(daemon, imitation):
     reply = post_alert(daemon, "seed-buy-market.json")
     assert reply.status_code == 200, reply.text
     body = reply.json()
+    assert len(imitation.order_requests) == 1, f"{body}\n{imitation.requests}\n{daemon.logs()}"
     [sent] = imitation.order_requests
     [accepted] = imitation.orders
     assert {k: sent[k] for k in ("symbol", "side", "type", "quantity")} == {
@@ -90,6 +91,7 @@ def test_seed_sell_limit_is_placed_with_its_stop_loss_and_take_profit(daemon, im
     reply = post_alert(daemon, "seed-sell-limit-sl-tp.json")
     assert reply.status_code == 200, reply.text
     body = reply.json()
+    assert len(imitation.order_requests) == 3, f"{body}\n{imitation.requests}\n{daemon.logs()}"
     entry, stop_loss, take_profit = imitation.order_requests
     assert {k: entry[k] for k in ("symbol", "side", "type", "quantity", "price", "timeInForce")} == {
         "symbol": "ETHUSDT", "side": "SELL", "type": "LIMIT", "quantity": "0.5", "price": "3500", "timeInForce": "GTC"}
