@@ -56,8 +56,10 @@ class Redactor(logging.Filter):
             cleaned = self(message)
             if cleaned != message:
                 record.msg, record.args = cleaned, None
-            if record.exc_info and record.exc_info[1] is not None:
-                record.exc_text = self(logging.Formatter().formatException(record.exc_info))
+            if record.exc_info and record.exc_info[1] is not None and not record.exc_text:
+                record.exc_text = logging.Formatter().formatException(record.exc_info)
+            if record.exc_text:
+                record.exc_text = self(record.exc_text)
         return True
 
 

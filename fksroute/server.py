@@ -35,21 +35,42 @@ _MAX_LINKS = 40
 _listener: logging.handlers.QueueListener | None = None
 
 
+_SETTLED = (str, int, float, bool, type(None))
+
+
+class _Handoff(logging.handlers.QueueHandler):
+    """Queues the record itself: the writer thread formats, redacts and writes it, so that the
+    event loop pays only for making the record. Arguments that could still change (anything but
+    strings, numbers and None) are merged into the message now, and a traceback is rendered now,
+    while its frames are as they were when it was logged."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        args = record.args
+        if args and not (isinstance(args, tuple) and all(isinstance(a, _SETTLED) for a in args)):
+            record.msg, record.args = record.getMessage(), None
+        if record.exc_info:
+            record.exc_text = _FORMAT.formatException(record.exc_info)
+            record.exc_info = None
+        return record
+
+
+_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
 def setup_logging(level: str = "INFO") -> None:
-    """Log lines to stderr (journald under systemd). A line is formatted, and its secrets
-    redacted, where it is logged; a thread writes it, so the event loop never waits on stderr."""
+    """Log lines to stderr (journald under systemd), written by a thread that also formats them
+    and redacts their secrets, so that the event loop never waits on stderr or a format."""
     global _listener
     if _listener is not None:
         _listener.stop()
     lines: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     writer = logging.StreamHandler(sys.stderr)
-    writer.setFormatter(logging.Formatter("%(message)s"))  # formatted already, traceback included
+    writer.setFormatter(_FORMAT)
+    writer.addFilter(REDACTOR)
     _listener = logging.handlers.QueueListener(lines, writer)
     _listener.start()
     atexit.register(_listener.stop)  # what is queued is written before the process ends
-    handler = logging.handlers.QueueHandler(lines)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(REDACTOR)
+    handler = _Handoff(lines)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
