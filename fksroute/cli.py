@@ -48,7 +48,8 @@ def _alert_from(spec: str) -> dict[str, Any]:
 # --- subcommands ------------------------------------------------------------------------------
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from fksroute.server import serve, setup_logging
+    from fksroute.logs import setup_logging
+    from fksroute.server import serve
 
     setup_logging(args.log_level)
     return serve(config.default_config_path(args.config), args.host, args.port)

@@ -14,6 +14,7 @@ from fksroute.dedup import DedupCache
 from fksroute.deployment import CLOSE_TIMEOUT, Deployment, PluginStartError, close_plugins, deploy, retired
 from fksroute.dispatch import Dispatcher
 from fksroute.journal import Journal, JournalError
+from fksroute.logs import REDACTOR
 from fksroute.metrics import Metrics
 from fksroute.routing import RoutingTable
 from fksroute.security import RateLimiter
@@ -35,35 +36,6 @@ class ReloadOutcome:
     def as_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "version": self.version, "generation": self.generation,
                 "changed": self.changed, "errors": list(self.errors)}
-
-
-class Redactor(logging.Filter):
-    """Replaces the table's secret values in every log record, whatever logged them."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.secrets: frozenset[str] = frozenset()
-
-    def __call__(self, text: str) -> str:
-        for secret in self.secrets:
-            if secret and secret in text:
-                text = text.replace(secret, "***")
-        return text
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if self.secrets:
-            message = record.getMessage()
-            cleaned = self(message)
-            if cleaned != message:
-                record.msg, record.args = cleaned, None
-            if record.exc_info and record.exc_info[1] is not None and not record.exc_text:
-                record.exc_text = logging.Formatter().formatException(record.exc_info)
-            if record.exc_text:
-                record.exc_text = self(record.exc_text)
-        return True
-
-
-REDACTOR = Redactor()
 
 
 @dataclass

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import atexit
 import gc
 import logging
-import logging.handlers
 import os
-import queue
 import signal
 import ssl
 import sys
@@ -20,7 +17,7 @@ import uvicorn
 import watchfiles
 
 from fksroute.app import create_app
-from fksroute.daemon import REDACTOR, Daemon
+from fksroute.daemon import Daemon
 from fksroute.systemd import listen_sockets, watchdog_interval, watchdog_loop
 
 log = logging.getLogger("fksroute.server")
@@ -30,58 +27,6 @@ STOP_GRACE = 0.5
 WATCH_RETRY = 1.0
 GC_THRESHOLD = 10000
 _MAX_LINKS = 40
-
-
-_listener: logging.handlers.QueueListener | None = None
-
-
-_SETTLED = (str, int, float, bool, type(None))
-
-
-class _Handoff(logging.handlers.QueueHandler):
-    """Queues the record itself: the writer thread formats, redacts and writes it, so that the
-    event loop pays only for making the record. Arguments that could still change (anything but
-    strings, numbers and None) are merged into the message now, and a traceback is rendered now,
-    while its frames are as they were when it was logged."""
-
-    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
-        args = record.args
-        if args and not (isinstance(args, tuple) and all(isinstance(a, _SETTLED) for a in args)):
-            record.msg, record.args = record.getMessage(), None
-        if record.exc_info:
-            record.exc_text = _FORMAT.formatException(record.exc_info)
-            record.exc_info = None
-        return record
-
-
-_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-def setup_logging(level: str = "INFO") -> None:
-    """Log lines to stderr (journald under systemd), written by a thread that also formats them
-    and redacts their secrets, so that the event loop never waits on stderr or a format."""
-    global _listener
-    if _listener is not None:
-        _listener.stop()
-    lines: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    writer = logging.StreamHandler(sys.stderr)
-    writer.setFormatter(_FORMAT)
-    writer.addFilter(REDACTOR)
-    _listener = logging.handlers.QueueListener(lines, writer)
-    _listener.start()
-    atexit.register(_listener.stop)  # what is queued is written before the process ends
-    handler = _Handoff(lines)
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    # watchfiles reports every change it sees, the journal's own writes included.
-    logging.getLogger("watchfiles").setLevel(logging.WARNING)
-    # The format shows none of these, and each costs time on every line (the Logging HOWTO's
-    # "Optimization" section): the caller's file and line, the thread, the process.
-    logging._srcfile = None  # type: ignore[attr-defined]
-    logging.logThreads = False
-    logging.logProcesses = False
-    logging.logMultiprocessing = False
 
 
 # --- the file watcher ------------------------------------------------------------------------
