@@ -20,9 +20,13 @@ FOLLOW_MAX_INTERVAL = 30.0
 
 
 def client_order_id(alert_id: str, route: str, position: int) -> str:
-    """Derived from the alert and route: the same on every retry and after a restart."""
+    """Derived from the alert and route: the same on every retry and after a restart.
+
+    32 letters and digits (what every venue takes): `fks`, the alert's id, the order's position
+    and two hex digits of the route's hash. Alert ids are time-ordered, so new orders go at the
+    end of the journal's index instead of onto a random page of it, one page write per order."""
     digest = hashlib.sha256(f"{alert_id}:{route}:{position}".encode()).hexdigest()
-    return f"fks{digest[:29]}"
+    return f"fks{alert_id}{position:03x}{digest[:2]}"
 
 
 def lane_of(request: OrderRequest) -> Lane:

@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS alerts (
     reply TEXT,
     config_version TEXT
 );
-CREATE INDEX IF NOT EXISTS alerts_dedup ON alerts (dedup_key, received_at);
+DROP INDEX IF EXISTS alerts_dedup; -- keyed by a hash: every insert wrote a random page of it
+CREATE INDEX IF NOT EXISTS alerts_received ON alerts (received_at);
 CREATE TABLE IF NOT EXISTS orders (
     client_order_id TEXT PRIMARY KEY,
     alert_id TEXT NOT NULL REFERENCES alerts (id),

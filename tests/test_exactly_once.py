@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from fksroute.dispatch import Dispatcher, client_order_id
-from fksroute.journal import PENDING, Journal, read_recent
+from fksroute.journal import PENDING, Journal, new_alert_id, read_recent
 from fksroute.metrics import Metrics
 from fksroute.plugins.base import OrderRequest, PluginContext
 from fksroute.plugins.http import HttpPlugin
@@ -165,7 +165,11 @@ def test_client_order_ids_are_derived_from_the_alert_and_route():
               client_order_id("01a2000000000000000000aa", "crypto2", 0),
               client_order_id("01a2000000000000000000aa", "crypto", 1)}
     assert one not in others and len(others) == 3
-    assert one.startswith("fks") and len(one) <= 36 and one.isalnum()    # what venues accept
+    assert one.startswith("fks") and len(one) == 32 and one.isalnum()    # what venues accept
+    # In the order of the alerts (their ids are time-ordered): the journal's index grows at its end.
+    ids = [new_alert_id() for _ in range(50)]
+    coids = [client_order_id(i, "crypto", 0) for i in ids]
+    assert sorted(reversed(coids)) == coids
 
 
 def test_a_client_order_id_from_the_template_is_used_and_never_twice(deduping):

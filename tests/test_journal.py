@@ -181,6 +181,25 @@ def test_dedup_entries_are_accepted_alerts_of_the_window(journal):
     assert [(key, alert_id) for key, alert_id, _, _, _ in asyncio.run(main())] == [("k1", "a1")]
 
 
+def test_the_window_is_read_by_time_and_no_index_is_keyed_by_a_hash(tmp_path):
+    path = tmp_path / "journal.sqlite"
+    older = sqlite3.connect(path)  # a journal from before: its dedup index was keyed by the body's hash
+    older.executescript(journal_module.SCHEMA.split("DROP INDEX")[0]
+                        + "CREATE INDEX alerts_dedup ON alerts (dedup_key, received_at);")
+    older.close()
+    j = Journal(path)
+    j.open()
+    try:
+        indexes = written(lambda: j.run(lambda c: {r[0] for r in c.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL")}))
+        plan = written(lambda: j.run(lambda c: " ".join(r[3] for r in c.execute(
+            "EXPLAIN QUERY PLAN SELECT id FROM alerts WHERE received_at >= 0"))))
+    finally:
+        j.close()
+    assert indexes == {"alerts_received", "orders_state", "orders_alert"}
+    assert "alerts_received" in plan
+
+
 # --- end to end: a journal that cannot write --------------------------------------------------
 
 @pytest.mark.parametrize("ack", ["sync", "async"])
