@@ -82,6 +82,17 @@ def test_same_client_order_id_never_fills_twice(tmp_path):
     assert p.book.fills == 1
 
 
+def test_only_the_most_recent_results_are_kept(tmp_path, monkeypatch):
+    monkeypatch.setattr("fksroute.plugins.paper.RESULTS_KEPT", 5)
+    p = plugin(tmp_path)
+    for i in range(12):
+        run(p.execute(req(f"c{i}", symbol="X", side="buy", quantity=1, price=10)))
+    assert list(p.book.results) == [f"c{i}" for i in range(7, 12)]
+    again = run(p.execute(req("c11", symbol="X", side="buy", quantity=1, price=10)))
+    assert again == p.book.results["c11"] and p.book.fills == 12  # a recent id is still never filled twice
+    assert run(p.lookup(req("c0"))) is None  # the oldest are forgotten
+
+
 def test_ledger_survives_a_restart(tmp_path):
     p = plugin(tmp_path, ledger="fills.jsonl", slippage_bps=0)
     run(p.execute(req("a", symbol="X", side="buy", quantity=3, price=10)))

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from fksroute.plugins.base import FAILED, FILLED, PLACED, OrderRequest, OrderResult, PluginContext
+
+# Results kept by client order id (a second delivery of one is answered, never filled again):
+# the most recent ones only, so that a daemon running for months does not keep every order.
+# The journal already refuses a client order id it holds; this is the plugin's own guard.
+RESULTS_KEPT = 10_000
 
 
 @dataclass
@@ -48,8 +54,14 @@ class _Book:
     prices: dict[str, float] = field(default_factory=dict)
     positions: dict[str, _Position] = field(default_factory=dict)
     resting: dict[str, _Resting] = field(default_factory=dict)
-    results: dict[str, OrderResult] = field(default_factory=dict)  # by client order id
+    results: OrderedDict[str, OrderResult] = field(default_factory=OrderedDict)  # by client order id
     fills: int = 0
+
+    def remember(self, client_order_id: str, result: OrderResult) -> None:
+        self.results[client_order_id] = result
+        self.results.move_to_end(client_order_id)
+        while len(self.results) > RESULTS_KEPT:
+            self.results.popitem(last=False)
 
 
 class PaperPlugin:
@@ -97,7 +109,7 @@ class PaperPlugin:
             result = self._execute(request)
         except (TypeError, ValueError, KeyError) as exc:
             result = OrderResult(FAILED, error=f"paper: invalid order: {exc}")
-        self.book.results[request.client_order_id] = result
+        self.book.remember(request.client_order_id, result)
         self._record(request, result)
         return result
 
@@ -201,9 +213,9 @@ class PaperPlugin:
                 for sibling in [o for o in self.book.resting.values() if o.parent == order.parent]:
                     del self.book.resting[sibling.order_id]
             if order.client_order_id:
-                self.book.results[order.client_order_id] = OrderResult(
+                self.book.remember(order.client_order_id, OrderResult(
                     FILLED, order.order_id, filled_quantity=order.quantity, average_price=fill,
-                    detail={"simulated": True, "filled_later": True})
+                    detail={"simulated": True, "filled_later": True}))
 
     # --- the ledger -----------------------------------------------------------------------
 
@@ -223,7 +235,7 @@ class PaperPlugin:
     def _replay(self, entry: dict[str, Any]) -> None:
         result = OrderResult(entry["status"], entry.get("order_id"), entry.get("error"),
                              entry.get("filled_quantity"), entry.get("average_price"))
-        self.book.results[entry["client_order_id"]] = result
+        self.book.remember(entry["client_order_id"], result)
         order = entry["order"]
         if result.status == FILLED and result.filled_quantity:
             self.book.positions.setdefault(order["symbol"], _Position()).apply(
