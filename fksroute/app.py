@@ -15,7 +15,7 @@ from starlette.routing import Route
 
 from fksroute.config import thaw
 from fksroute.daemon import Daemon
-from fksroute.webhook import Reply, encode_reply
+from fksroute.webhook import Reply, encode_reply, reply_body
 
 log = logging.getLogger("fksroute.app")
 
@@ -160,8 +160,7 @@ class _WebhookEndpoint:
             return  # the client went away before its body arrived: nobody to answer
         except Exception:  # a bug must still get an answer, and a traceback in the log
             log.exception("webhook: unexpected error")
-            reply = Reply(500, {"success": False, "error": "Internal error", "alert_id": None, "duplicate": False,
-                                "order_id": None, "results": []})
+            reply = Reply(500, reply_body(None, [], error="Internal error"))
         self.daemon.metrics.latency.observe(time.perf_counter() - started)
         text = encode_reply(reply.body).encode()
         headers = [(b"content-length", str(len(text)).encode()), (b"content-type", b"application/json")]

@@ -64,3 +64,32 @@ def test_a_client_that_leaves_mid_body_breaks_nothing(daemon):
 def test_headers_of_a_refusal_reach_the_client(daemon):
     r = daemon.post(content=b"x" * 70000, headers={"Content-Type": "application/json"})
     assert r.status_code == 413 and r.headers["connection"] == "close"
+
+
+def test_a_bug_in_the_alert_path_is_answered_500_with_the_contract_reply(caplog):
+    import asyncio
+    import json
+    from types import SimpleNamespace
+
+    from fksroute.app import _WebhookEndpoint
+    from fksroute.metrics import Metrics
+
+    class Broken:
+        def admit(self, peer, headers):
+            raise RuntimeError("a bug")
+
+    endpoint = _WebhookEndpoint(SimpleNamespace(webhook=Broken(), metrics=Metrics()))
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    scope = {"type": "http", "method": "POST", "path": "/webhook", "headers": [], "client": ("127.0.0.1", 1)}
+    asyncio.run(endpoint(scope, receive, send, None))
+    assert sent[0]["status"] == 500
+    assert json.loads(sent[1]["body"]) == {"success": False, "order_id": None, "error": "Internal error",
+                                           "alert_id": None, "duplicate": False, "results": []}
+    assert "webhook: unexpected error" in caplog.text and "RuntimeError: a bug" in caplog.text
