@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ from fksroute.dedup import DedupCache
 from fksroute.deployment import CLOSE_TIMEOUT, Deployment, PluginStartError, close_plugins, deploy, retired
 from fksroute.dispatch import Dispatcher
 from fksroute.journal import Journal, JournalError
-from fksroute.logs import REDACTOR
+from fksroute.logs import REDACTOR, stop_logging
 from fksroute.metrics import Metrics
 from fksroute.routing import RoutingTable
 from fksroute.security import RateLimiter
@@ -23,6 +24,7 @@ from fksroute.webhook import WebhookHandler
 
 log = logging.getLogger("fksroute.daemon")
 DRAIN_TIMEOUT = 10.0
+JOURNAL_LOST_EXIT = 75  # EX_TEMPFAIL: the journal's writer died; a restart is the remedy
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,7 @@ class Daemon:
 
     async def start(self, table: RoutingTable) -> None:
         """Open the journal, start the plugins, resume unfinished orders, then become ready."""
-        self.journal = Journal(table.server.journal)
+        self.journal = Journal(table.server.journal, on_lost=self._journal_lost)
         try:
             self.journal.open()
         except JournalError as exc:
@@ -144,6 +146,14 @@ class Daemon:
         self._record_reload_metrics(True, "start")
         log.info("routes %s in force: version %s, %d routes, plugins %s", self.config_path, table.version,
                  len(table.routes), ", ".join(f"{n} ({s.type})" for n, s in table.plugins.items()))
+
+    def _journal_lost(self, why: str) -> None:
+        """The journal's writer is gone: nothing can be accepted or finished any more. Stop at once,
+        as a crash would: systemd restarts fksroute (Restart=on-failure), and recovery and the dedup
+        window, both read from the journal, resume what was in flight and know the resends."""
+        log.critical("journal: %s; fksroute stops now so that a restart resumes what was in flight", why)
+        stop_logging()
+        os._exit(JOURNAL_LOST_EXIT)
 
     def become_ready(self) -> None:
         if self.stopping:
@@ -319,7 +329,7 @@ class Daemon:
         if self.deployment is not None:
             await close_plugins(list(self.deployment.plugins.values()))
         if self.journal is not None:
-            await asyncio.to_thread(self.journal.close)
+            self.journal.close()  # a moment on the loop: nothing else runs at this point
         log.info("stopped")
 
 

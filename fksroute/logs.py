@@ -117,6 +117,12 @@ class Writer:
 _writer: Writer | None = None
 
 
+def stop_logging() -> None:
+    """Write what is queued now (before the process ends without its exit handlers)."""
+    if _writer is not None:
+        _writer.stop()
+
+
 def setup_logging(level: str = "INFO") -> None:
     """Route every logger's records through the writer thread, at `level`."""
     global _writer
