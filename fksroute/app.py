@@ -162,7 +162,7 @@ class _WebhookEndpoint:
             log.exception("webhook: unexpected error")
             reply = Reply(500, reply_body(None, [], error="Internal error"))
         self.daemon.metrics.latency.observe(time.perf_counter() - started)
-        text = encode_reply(reply.body).encode()
+        text = encode_reply(reply.body)
         headers = [(b"content-length", str(len(text)).encode()), (b"content-type", b"application/json")]
         headers.extend((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers.items())
         await send({"type": "http.response.start", "status": reply.status, "headers": headers})

@@ -51,7 +51,7 @@ class Dispatcher:
         self._running: set[asyncio.Task] = set()
         self.unknown_orders = 0  # orders whose outcome nobody knows: the user must look at the venue
 
-    def submit(self, request: OrderRequest, plugin: Plugin | None, committed: Awaitable[Any]) -> asyncio.Future:
+    def submit(self, request: OrderRequest, plugin: Plugin | None, committed: asyncio.Future) -> asyncio.Future:
         """Queue `request` behind its lane's last order. Call in arrival order, without awaiting between.
 
         The returned future resolves to the order's result once it is journaled, or to None when
@@ -59,7 +59,77 @@ class Dispatcher:
         take an order again after a crash (`resend_safe`), it resolves as soon as the plugin
         answers: its journal write follows, and recovery repeats the order exactly if a crash
         comes first, so that the answer need not wait for that commit."""
+        execute_now = getattr(plugin, "execute_now", None)
+        if execute_now is not None and getattr(plugin, "resend_safe", False):
+            return self._in_line(request, plugin, execute_now, committed)
         return self._enqueue(request, plugin, committed, reconcile=False)
+
+    def _in_line(self, request: OrderRequest, plugin: Plugin, execute_now: Callable[[OrderRequest], OrderResult],
+                 committed: asyncio.Future) -> asyncio.Future:
+        """An order of a plugin without I/O: run by callbacks once its alert is committed and its
+        lane's previous order has executed, in the same turn of the loop, with no task of its own."""
+        lane = lane_of(request)
+        previous = self._tails.get(lane)
+        executed: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._tails[lane] = executed
+        self._hold(plugin)
+
+        def run(_: asyncio.Future | None = None) -> None:
+            if committed.cancelled() or committed.exception() is not None:
+                result = None  # the alert was never accepted: nothing is sent (its sender answers 503)
+            else:
+                result = self._execute_now(request, execute_now)
+            if self._tails.get(lane) is executed:
+                del self._tails[lane]
+            self._release(plugin)
+            executed.set_result(result)
+            if result is not None:
+                self._finished(request, plugin, result)
+
+        def ready(_: asyncio.Future) -> None:
+            if previous is None or previous.done() or committed.cancelled() or committed.exception() is not None:
+                run()
+            else:
+                previous.add_done_callback(run)
+
+        committed.add_done_callback(ready)
+        return executed
+
+    def _execute_now(self, request: OrderRequest, execute_now: Callable[[OrderRequest], OrderResult]) -> OrderResult:
+        try:
+            return execute_now(request)
+        except Exception as exc:  # a plugin bug must not lose the order's record
+            log.exception("plugin %s raised on order %s", request.plugin, request.client_order_id)
+            return OrderResult(FAILED, error=self.redact(f"{request.plugin}: {type(exc).__name__}: {exc}"))
+
+    def _finished(self, request: OrderRequest, plugin: Plugin, result: OrderResult) -> None:
+        """After an order in line: its result to the journal (retried in a task only if that
+        fails), its count and its log line."""
+        try:
+            written = self.journal.record_result(request.client_order_id, result)
+        except JournalError:
+            written = None
+        if written is None:
+            self._retry_result(request, result)
+        else:
+            written.add_done_callback(lambda w: None if not w.cancelled() and w.exception() is None
+                                      else self._retry_result(request, result))
+        self._report(request, plugin, result)
+
+    def _retry_result(self, request: OrderRequest, result: OrderResult) -> None:
+        task = asyncio.ensure_future(self._retry_journal(
+            lambda: self.journal.record_result(request.client_order_id, result)))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    def _report(self, request: OrderRequest, plugin: Plugin | None, result: OrderResult) -> None:
+        self._count(request, result)
+        log.info("alert %s order %s route=%s plugin=%s %s %s %s: %s%s", request.alert_id, request.client_order_id,
+                 request.route, request.plugin, request.order.get("side"), request.order.get("quantity"),
+                 request.order.get("symbol"), result.status,
+                 f" ({result.error})" if result.error else "")
+        if result.status in (PLACED, UNKNOWN) and plugin is not None:
+            self.follow(request, plugin, result.status)
 
     def _enqueue(self, request: OrderRequest, plugin: Plugin | None, committed: Awaitable[Any],
                  reconcile: bool) -> asyncio.Future:
@@ -110,13 +180,7 @@ class Dispatcher:
         if not executed.done():
             executed.set_result(result)
         await self._retry_journal(lambda: self.journal.record_result(request.client_order_id, result))
-        self._count(request, result)
-        log.info("alert %s order %s route=%s plugin=%s %s %s %s: %s%s", request.alert_id, request.client_order_id,
-                 request.route, request.plugin, request.order.get("side"), request.order.get("quantity"),
-                 request.order.get("symbol"), result.status,
-                 f" ({result.error})" if result.error else "")
-        if result.status in (PLACED, UNKNOWN) and plugin is not None:
-            self.follow(request, plugin, result.status)
+        self._report(request, plugin, result)
         return result
 
     async def _execute(self, request: OrderRequest, plugin: Plugin) -> OrderResult:
@@ -256,7 +320,8 @@ class Dispatcher:
 
     async def drain(self, timeout: float) -> bool:
         """Let in-flight orders finish (bounded); True when all did."""
-        pending = [t for t in self._running if not t.done()]
+        pending: list[asyncio.Future] = [t for t in self._running if not t.done()]
+        pending += [f for f in self._tails.values() if not f.done()]  # orders in line, awaiting their commit
         if pending:
             _, still = await asyncio.wait(pending, timeout=timeout)
             if still:

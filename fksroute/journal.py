@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from fksroute import jsontext
 from fksroute.journal_writer import CONFLICT, DONE, OK, OPEN, ORDER_SELECT, PENDING, SCHEMA, SENT, Frames, frame
 from fksroute.plugins.base import OrderResult
 
@@ -43,7 +44,7 @@ class JournalConflict(JournalError):
 BEST_EFFORT_BACKLOG = 10000
 READY_WITHIN = 30.0  # the writer's start, a predecessor's writer finishing included (LOCK_WAIT)
 STOP_WITHIN = 30.0   # at close, for the writer to commit what it was sent and checkpoint
-_TEXT = json.JSONEncoder(default=str).encode  # built once: json.dumps(default=...) builds one per call
+_TEXT = jsontext.text
 
 
 _PROCESS = secrets.randbits(16)  # told apart from other runs' ids by time and this

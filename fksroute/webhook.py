@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Collection, Mapping
 
-from fksroute import security
+from fksroute import jsontext, security
 from fksroute.dispatch import client_order_id, result_entry
 from fksroute.journal import DONE, PENDING, JournalConflict, JournalError, new_alert_id
 from fksroute.plan import READY, Plan, body_key, plan_alert
@@ -24,8 +24,6 @@ ANSWER_WITHIN = 2.5  # TradingView gives up after 3 s; what is not done by then 
 MAX_DEPTH = 32
 MAX_DIGITS = 308  # an integer longer than this is not a float any more: refused, never half-parsed
 UNAUTHORIZED = "Unauthorized: missing or wrong secret"
-# One encoder, built once: json.dumps with options builds a new one on every call.
-COMPACT = json.JSONEncoder(separators=(",", ":"), default=str).encode
 
 
 @dataclass(frozen=True)
@@ -35,16 +33,10 @@ class Reply:
     headers: Mapping[str, str] = field(default_factory=dict)
 
 
-_STRICT = json.JSONEncoder(default=str, allow_nan=False).encode  # built once, not per reply
-
-
-def encode_reply(body: Any) -> str:
+def encode_reply(body: Any) -> bytes:
     """The reply as strict JSON, whatever a plugin or a template computed (a price times 1e308
     overflows): a number JSON cannot carry becomes null."""
-    try:
-        return _STRICT(body)
-    except ValueError:
-        return json.dumps(json_safe(body), default=str)
+    return jsontext.encode(body)
 
 
 class BadAlert(ValueError):
@@ -75,18 +67,6 @@ def journaled_reply(alert_id: str, orders: list[Mapping[str, Any]]) -> dict[str,
             entry["reason"] = detail.get("reason")
         results.append(entry)
     return reply_body(alert_id, results)
-
-
-def json_safe(value: Any) -> Any:
-    """`value` with every infinite or NaN float replaced by None: replies must be strict JSON,
-    whatever a plugin or a template computed (a price times 1e308 overflows)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
 
 
 def _depth_ok(value: Any) -> bool:
@@ -307,7 +287,7 @@ class WebhookHandler:
         offered = security.Credentials(signature, alert.get(security.PASSPHRASE), path_token)
         alert = security.strip_secret(alert)
         # The passphrase is gone; a secret pasted anywhere else in the body must not be stored either.
-        stored = security.redact(COMPACT(alert),
+        stored = security.redact(jsontext.text(alert),
                                  (settings.secret, settings.path_token, *table.secrets))
         if not security.authenticate(body, offered, settings.secret, settings.path_token):
             return self._refuse(401, UNAUTHORIZED, "auth", source, stored)
@@ -407,7 +387,7 @@ class WebhookHandler:
                 results.append(result_entry(planned.route, planned.plugin, None, status=planned.status,
                                             order=planned.order, client_order_id=coid)
                                | {"reason": planned.reason})
-            elif execution.done() and execution.result() is not None:
+            elif status != 202 and execution.done() and execution.result() is not None:
                 results.append(result_entry(planned.route, planned.plugin, execution.result(), order=planned.order,
                                             client_order_id=coid))
             else:

@@ -70,6 +70,9 @@ class Plugin(Protocol):
     a failed `OrderResult` whose `error` is safe to show (no secrets). A plugin may set
     `resend_safe = True` when it never executes a client order id twice, even across
     restarts: after a crash, an order it cannot find is then sent again, not left unknown.
+    A plugin whose orders involve no I/O (a simulation) may also offer `execute_now(request)`,
+    the same as `execute` but plain: the dispatcher then runs the order as soon as its alert is
+    journaled and its lane is free, without a task of its own.
     """
 
     name: str

@@ -101,7 +101,11 @@ class PaperPlugin:
                     self.log.warning("paper ledger %s: skipped an unreadable line", self.ledger)
 
     async def execute(self, request: OrderRequest) -> OrderResult:
-        # Nothing below awaits, so one order's look-up, fill and record cannot interleave with another's.
+        return self.execute_now(request)
+
+    def execute_now(self, request: OrderRequest) -> OrderResult:
+        """`execute` without the coroutine: nothing here waits, so the dispatcher runs it in line.
+        One order's look-up, fill and record cannot interleave with another's."""
         known = self.book.results.get(request.client_order_id)
         if known is not None:
             return known  # the same client order id again: never a second fill
