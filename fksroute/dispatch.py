@@ -8,6 +8,7 @@ import logging
 from typing import Any, Awaitable, Callable, Mapping
 
 from fksroute.journal import OPEN, PENDING, SENT, Journal, JournalError, OrderRow
+from fksroute.logs import say
 from fksroute.metrics import Metrics
 from fksroute.plugins.base import FAILED, PLACED, UNKNOWN, OrderRequest, OrderResult, Plugin
 
@@ -124,10 +125,11 @@ class Dispatcher:
 
     def _report(self, request: OrderRequest, plugin: Plugin | None, result: OrderResult) -> None:
         self._count(request, result)
-        log.info("alert %s order %s route=%s plugin=%s %s %s %s: %s%s", request.alert_id, request.client_order_id,
-                 request.route, request.plugin, request.order.get("side"), request.order.get("quantity"),
-                 request.order.get("symbol"), result.status,
-                 f" ({result.error})" if result.error else "")
+        order = request.order
+        say(log, logging.INFO, f"alert {request.alert_id} order {request.client_order_id} route={request.route} "
+                               f"plugin={request.plugin} {order.get('side')} {order.get('quantity')} "
+                               f"{order.get('symbol')}: {result.status}"
+                               + (f" ({result.error})" if result.error else ""))
         if result.status in (PLACED, UNKNOWN) and plugin is not None:
             self.follow(request, plugin, result.status)
 

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from fksroute import jsontext
-from fksroute.journal_writer import CONFLICT, DONE, OK, OPEN, ORDER_SELECT, PENDING, SCHEMA, SENT, Frames, frame
+from fksroute.journal_writer import (CONFLICT, DONE, OK, OPEN, ORDER_SELECT, PENDING, RECV_SIZE, SCHEMA, SENT, Frames,
+                                     frame)
 from fksroute.plugins.base import OrderResult
 
 __all__ = ["DONE", "OPEN", "PENDING", "SCHEMA", "SENT", "Journal", "JournalConflict", "JournalError",
@@ -166,7 +167,7 @@ class Journal:
                 sock.sendall(bytes(self._out) + self._encode(self._take_queued()))
                 self._out.clear()
                 sock.shutdown(socket.SHUT_WR)
-                while (data := sock.recv(1 << 20)):
+                while (data := sock.recv(RECV_SIZE)):
                     for value in self._frames.feed(data):
                         self._answered(value)
             except OSError:
@@ -301,7 +302,7 @@ class Journal:
     def _readable(self) -> None:
         assert self._sock is not None
         try:
-            data = self._sock.recv(1 << 20)
+            data = self._sock.recv(RECV_SIZE)
         except BlockingIOError:
             return
         except OSError:

@@ -74,6 +74,7 @@ OPEN = "open"        # placed at the venue, not yet filled: followed through the
 OK, CONFLICT, FAILED = 0, 1, 2
 LOCK_WAIT = 10.0     # a predecessor's writer still finishing its last group after a crash
 _HEADER = struct.Struct(">I")
+RECV_SIZE = 1 << 16  # per read: a larger buffer costs more to allocate than the reads it saves
 _MOST_ROWS = 128     # per statement: a statement per size up to this is compiled once and cached
 
 
@@ -307,12 +308,12 @@ def serve(sock: socket.socket, conn: sqlite3.Connection) -> None:
     closed = False
     while not closed:
         ops: list[tuple] = []
-        data = sock.recv(1 << 20)
+        data = sock.recv(RECV_SIZE)
         while data:
             for value in frames.feed(data):
                 ops.extend(value)
             try:
-                data = sock.recv(1 << 20, socket.MSG_DONTWAIT)  # what else arrived meanwhile
+                data = sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)  # what else arrived meanwhile
             except BlockingIOError:
                 break
         else:

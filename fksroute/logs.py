@@ -72,6 +72,7 @@ class Writer:
     def __init__(self, stream: TextIO) -> None:
         self.records: queue.SimpleQueue = queue.SimpleQueue()
         self.stream = stream
+        self._second: tuple[int, str] = (-1, "")  # the last whole second formatted, and its text
         self._thread = threading.Thread(target=self._run, name="fksroute-log", daemon=True)
         self._thread.start()
 
@@ -96,11 +97,14 @@ class Writer:
             if any(r is _STOP for r in batch):
                 return
 
-    def write(self, records: list[logging.LogRecord]) -> None:
+    def write(self, records: list[logging.LogRecord | tuple[float, str, str, str]]) -> None:
         lines = []
         for record in records:
             try:
-                if REDACTOR.filter(record):
+                if type(record) is tuple:  # a line said plainly (see say): formatted as FORMAT would
+                    created, level, name, text = record
+                    lines.append(f"{self._asctime(created)} {level} {name}: {REDACTOR(text)}")
+                elif REDACTOR.filter(record):
                     lines.append(FORMAT.format(record))
             except Exception:  # one bad record (its arguments do not fit its format) loses only itself
                 lines.append(REDACTOR(f"{record.levelname} {record.name}: a log line could not be formatted: "
@@ -114,7 +118,28 @@ class Writer:
             pass
 
 
+    def _asctime(self, created: float) -> str:
+        """FORMAT's asctime (logging's default: local time, then milliseconds after a comma)."""
+        second = int(created)
+        if second != self._second[0]:
+            self._second = (second, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second)))
+        return f"{self._second[1]},{int((created - second) * 1000):03d}"
+
+
 _writer: Writer | None = None
+
+
+def say(logger: logging.Logger, level: int, text: str) -> None:
+    """Log `text` as it is, for the lines written once per order: no LogRecord is made, and the
+    writer timestamps, redacts and formats it like any record. Without the writer (a test, a
+    script) it goes the standard way."""
+    if not logger.isEnabledFor(level):
+        return
+    root = logging.root.handlers
+    if _writer is not None and len(root) == 1 and isinstance(root[0], Handoff) and not logger.handlers:
+        _writer.records.put((time.time(), logging.getLevelName(level), logger.name, text))
+    else:  # another handler listens too (a test's capture): it gets a real record
+        logger.log(level, "%s", text)
 
 
 def stop_logging() -> None:

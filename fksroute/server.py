@@ -8,7 +8,6 @@ import logging
 import os
 import signal
 import ssl
-import sys
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -119,10 +118,6 @@ class _Server(uvicorn.Server):
 
 def serve(config_path: Path, host: str | None = None, port: int | None = None) -> int:
     """Run the daemon until SIGTERM/SIGINT; exit code 0 after a clean stop."""
-    # The journal's thread needs the GIL back after each of a group's few statements and its
-    # fsync; a busy event loop would hold it for the default 5 ms each time, and every alert of
-    # the next group waits behind that. 50 µs measured best (bench/): shorter splits groups.
-    sys.setswitchinterval(0.00005)
     # Each alert allocates a few hundred objects, nearly all freed by reference counting: collect
     # cycles less often than every 700 allocations (the default), at the price of a little memory.
     gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])

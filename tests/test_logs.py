@@ -85,3 +85,40 @@ def test_a_stream_that_is_gone_does_not_stop_the_writer():
     logger.error("nobody reads this")
     writer.stop()
     assert not writer._thread.is_alive()
+
+
+def test_a_line_said_plainly_is_written_as_a_record_would_be(secret):
+    import time as clock
+    from fksroute import logs
+
+    stream = io.StringIO()
+    writer = Writer(stream)
+    root = logging.getLogger()
+    saved_handlers, saved_writer, saved_level = root.handlers[:], logs._writer, root.level
+    root.handlers[:] = [Handoff(writer.records)]
+    root.setLevel(logging.INFO)
+    logs._writer = writer
+    try:
+        logger = logging.getLogger("fksroute.said")
+        logs.say(logger, logging.INFO, f"order filled with {secret}")
+        logs.say(logger, logging.DEBUG, "below the level: not written")
+        logger.info("a record %s", "after it")
+    finally:
+        writer.stop()
+        root.handlers[:], logs._writer = saved_handlers, saved_writer
+        root.setLevel(saved_level)
+    said, recorded = stream.getvalue().splitlines()
+    assert said.endswith("INFO fksroute.said: order filled with ***") and secret not in said
+    assert recorded.endswith("INFO fksroute.said: a record after it")
+    # The same timestamp format as the records': "YYYY-MM-DD HH:MM:SS,mmm".
+    stamp = said.split(" INFO ")[0]
+    assert len(stamp) == len(recorded.split(" INFO ")[0]) == 23 and stamp[19] == ","
+    assert abs(clock.mktime(clock.strptime(stamp[:19], "%Y-%m-%d %H:%M:%S")) - clock.time()) < 5
+
+
+def test_a_line_said_while_another_handler_listens_reaches_it_as_a_record(caplog):
+    from fksroute import logs
+
+    with caplog.at_level(logging.INFO):
+        logs.say(logging.getLogger("fksroute.said"), logging.INFO, "seen by the capture")
+    assert "seen by the capture" in caplog.text
