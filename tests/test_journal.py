@@ -324,3 +324,36 @@ def test_a_second_writer_on_one_journal_waits_for_the_first(tmp_path):
 
 async def second_unfinished(journal):
     return await journal.unfinished()
+
+
+def test_a_value_the_writer_cannot_be_sent_fails_alone(journal):
+    from decimal import Decimal
+
+    async def main():
+        await record(journal, "a1", [("o1", PENDING), ("o2", PENDING)])
+        return await asyncio.gather(
+            journal.record_result("o1", OrderResult("filled", "v1", filled_quantity=Decimal("1.5"))),
+            journal.record_result("o2", OrderResult("filled", "v2", filled_quantity=1.5)),
+            return_exceptions=True), await journal.order_results("a1")
+
+    (bad, good), orders = asyncio.run(main())
+    assert isinstance(bad, JournalError) and "cannot be stored" in str(bad)
+    assert good is None
+    assert [(o["client_order_id"], o["state"]) for o in orders] == [("o1", PENDING), ("o2", DONE)]
+    assert journal.healthy
+
+
+def test_async_alerts_answered_just_before_a_stop_are_executed_before_it_ends(tmp_path, daemon_factory):
+    daemon = daemon_factory(write_routes(tmp_path, """
+        version: 1
+        defaults: {ack: async}
+        plugins: {paper: {type: paper, ledger: fills.jsonl}}
+        routes: [{name: all, to: paper}]
+    """))
+    answered = [daemon.post(json={**ALERT, "id": i}) for i in range(30)]
+    assert {r.status_code for r in answered} == {202}
+    assert daemon.stop() == 0
+    fills = read_ledger(tmp_path / "fills.jsonl")
+    assert sorted(f["alert_id"] for f in fills) == sorted(r.json()["alert_id"] for r in answered)
+    listed = read_recent(tmp_path / "journal.sqlite", limit=50)
+    assert all(o["state"] == DONE and o["status"] == "filled" for e in listed for o in e["orders"])
