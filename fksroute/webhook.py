@@ -132,8 +132,8 @@ def _bounded_int(text: str) -> int:
 def _decode(body: bytes, content_type: str) -> str:
     """The body's text: its declared charset, else UTF-8; a byte order mark is dropped."""
     if ";" not in content_type:  # no charset declared: UTF-8
-        try:
-            return body.decode("utf-8-sig")
+        try:  # utf-8-sig is a codec written in Python: only a body with a byte order mark needs it
+            return body.decode("utf-8-sig" if body.startswith(codecs.BOM_UTF8) else "utf-8")
         except UnicodeError:
             raise BadAlert("Unparsable body: not utf-8 text") from None
     charset = "utf-8"
