@@ -41,6 +41,8 @@ class Result:
     socket_errors: int
     duplicates: int
     unsuccessful: int
+    loop_us: float     # CPU of the server's main thread (its event loop) per request
+    others_us: float   # CPU of its other threads and of its child processes (the journal writer) per request
 
 
 class Server:
@@ -79,6 +81,14 @@ class Server:
         children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
         return sum(_memory_mb(int(child))[0] for child in children)
 
+    def cpu_seconds(self) -> tuple[float, float]:
+        """CPU used so far (user and system) by the main thread, and by the other threads and the children."""
+        pid = self.proc.pid
+        main = _cpu_seconds(Path(f"/proc/{pid}/task/{pid}/stat"))
+        process = _cpu_seconds(Path(f"/proc/{pid}/stat"))
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        return main, max(0.0, process - main) + sum(_cpu_seconds(Path(f"/proc/{c}/stat")) for c in children)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -88,6 +98,11 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+
+
+def _cpu_seconds(stat: Path) -> float:
+    fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime and stime
 
 
 def _memory_mb(pid: int) -> tuple[float, float]:
@@ -115,19 +130,23 @@ def request(port: int, method: str, path: str, body: dict | None = None) -> tupl
         conn.close()
 
 
-def run_wrk(target: str, port: int, connections: int, duration: int, symbols: int = 1) -> Result:
+def run_wrk(server: Server, connections: int, duration: int, symbols: int = 1) -> Result:
     """Drive one server with wrk (one thread, so wrk keeps to one core) and parse post.lua's line."""
-    tag = f"{target}-{connections}-{time.time_ns()}"
+    tag = f"{server.name}-{connections}-{time.time_ns()}"
     argv = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(BENCH / "post.lua"),
-            f"http://127.0.0.1:{port}{WEBHOOK}", "--", tag, str(symbols)]
+            f"http://127.0.0.1:{server.port}{WEBHOOK}", "--", tag, str(symbols)]
+    before = server.cpu_seconds()
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    after = server.cpu_seconds()
     line = next((l for l in out.splitlines() if l.startswith("WRK_RESULT ")), None)
     if line is None:
         raise SystemExit(f"wrk printed no result:\n{out}")
     figures = json.loads(line.removeprefix("WRK_RESULT "))
-    return Result(target, connections, figures["requests"] / (figures["duration_us"] / 1e6),
+    per_request = 1e6 / max(figures["requests"], 1)
+    return Result(server.name, connections, figures["requests"] / (figures["duration_us"] / 1e6),
                   figures["p50_us"] / 1000, figures["p99_us"] / 1000,
-                  figures["non_2xx"], figures["socket_errors"], figures["duplicates"], figures["unsuccessful"])
+                  figures["non_2xx"], figures["socket_errors"], figures["duplicates"], figures["unsuccessful"],
+                  (after[0] - before[0]) * per_request, (after[1] - before[1]) * per_request)
 
 
 def check_alert_is_executed(port: int) -> None:
@@ -141,10 +160,13 @@ def check_alert_is_executed(port: int) -> None:
 def report(results: list[Result], ready_s: float, rss_idle: float, rss: tuple[float, float],
            writer_mb: float) -> None:
     print(f"{'target':<10}{'conns':>6}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
-          f"{'non-2xx':>9}{'sock err':>9}{'dup':>6}{'failed':>8}")
+          f"{'non-2xx':>9}{'sock err':>9}{'dup':>6}{'failed':>8}{'loop us':>9}{'other us':>9}")
     for r in results:
         print(f"{r.target:<10}{r.connections:>6}{r.requests_per_s:>10.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}"
-              f"{r.non_2xx:>9}{r.socket_errors:>9}{r.duplicates:>6}{r.unsuccessful:>8}")
+              f"{r.non_2xx:>9}{r.socket_errors:>9}{r.duplicates:>6}{r.unsuccessful:>8}"
+              f"{r.loop_us:>9.0f}{r.others_us:>9.0f}")
+    print("loop us: CPU of the event loop's thread per request; other us: its other threads and processes "
+          "(fksroute: the log writer and the journal writer)")
     by = {(r.target, r.connections): r for r in results}
     for conns in sorted({r.connections for r in results}):
         ratio = by["fksroute", conns].requests_per_s / by["bare", conns].requests_per_s
@@ -195,7 +217,7 @@ def main() -> int:
         results = []
         for conns in connections:
             for server in (bare, daemon):
-                results.append(run_wrk(server.name, server.port, conns, args.duration, args.symbols))
+                results.append(run_wrk(server, conns, args.duration, args.symbols))
         rss, writer_mb = daemon.memory_mb(), daemon.children_mb()
     finally:
         daemon.stop()
