@@ -58,3 +58,14 @@ def test_fast_path_agrees_with_jsonschema(order):
     fast = schemas.builtin_fast_check("order.schema.json")
     assert fast is not None
     assert fast(order) == (not list(validator.iter_errors(order)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(orders)
+def test_the_chain_checked_at_once_agrees_with_each_schema_in_turn(order):
+    for plugin in ("paper", "ccxt", "ninjatrader", "mt5", "http"):
+        chain = schemas.order_validator(plugin)
+        assert chain.all_valid is not None, plugin        # compiled whole: one call for a valid order
+        each = all(not list(v.iter_errors(order)) for _, v, _ in chain.validators)
+        assert chain.all_valid(order) == each, plugin
+        assert (chain.errors(order) == []) == each, plugin
