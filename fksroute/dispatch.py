@@ -71,7 +71,7 @@ class Dispatcher:
         lane's previous order has executed, in the same turn of the loop, with no task of its own."""
         lane = lane_of(request)
         previous = self._tails.get(lane)
-        executed: asyncio.Future = asyncio.get_running_loop().create_future()
+        executed: asyncio.Future = committed.get_loop().create_future()  # get_running_loop costs a getpid
         self._tails[lane] = executed
         self._hold(plugin)
 

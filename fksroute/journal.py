@@ -18,6 +18,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +92,7 @@ class Journal:
         self._unanswered = 0            # operations sent, their group not yet answered
         self._out = bytearray()         # sent, not yet taken by the socket
         self._loop: asyncio.AbstractEventLoop | None = None     # the loop reading the writer's answers
+        self._loop_thread: int | None = None                      # and the thread it runs in
         self._flush_on: asyncio.AbstractEventLoop | None = None  # a flush is scheduled on this loop
         self._writing = False
         self._closed = True
@@ -197,13 +199,15 @@ class Journal:
             self.dropped += 1
             return None
         op = (next(self._seq), kind, a, b)
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # no event loop here (a script): sent now, nobody waits for the answer
-            if wait:
-                raise
-            self._send_now([op])
-            return None
+        loop = self._loop  # the loop reading the answers, when this is its thread: asking costs a getpid
+        if loop is None or self._loop_thread != threading.get_ident() or not loop.is_running():
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no event loop here (a script): sent now, nobody waits for the answer
+                if wait:
+                    raise
+                self._send_now([op])
+                return None
         future = None
         if wait:
             future = loop.create_future()
@@ -289,7 +293,7 @@ class Journal:
         self._forget_loop()
         assert self._sock is not None
         loop.add_reader(self._sock.fileno(), self._readable)
-        self._loop = loop
+        self._loop, self._loop_thread = loop, threading.get_ident()
 
     def _forget_loop(self) -> None:
         loop, self._loop = self._loop, None

@@ -346,7 +346,7 @@ class WebhookHandler:
                 http_status=status, dedup_key=key, config_version=deployment.table.version, orders=rows)
         except JournalError as exc:
             return self._journal_down(exc)
-        reply_future: asyncio.Future = asyncio.get_running_loop().create_future()
+        reply_future: asyncio.Future = committed.get_loop().create_future()
         seen = daemon.dedup.add(key, alert_id, plan.dedup_window.total_seconds(), reply_future)
         executions = {pos: daemon.dispatcher.submit(req, deployment.plugins.get(req.plugin), committed)
                       for pos, req in enumerate(requests) if req is not None}
