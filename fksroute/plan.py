@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Collection, Mapping
+from types import MappingProxyType
+from typing import Any, Callable, Collection, Mapping, NamedTuple
 from zoneinfo import ZoneInfo
 
 from fksroute.routing import Route, RoutingTable, as_number, lookup
@@ -21,8 +21,9 @@ READY = "ready"
 SKIPPED = "skipped"
 
 
-@dataclass(frozen=True)
-class PlannedOrder:
+# The values made once per alert are named tuples: as immutable as a frozen dataclass, and
+# built in a third of its time (a frozen dataclass sets each field through object.__setattr__).
+class PlannedOrder(NamedTuple):
     """One route's verdict on the alert: an order ready to send, or a reason to skip it."""
 
     route: str
@@ -37,8 +38,7 @@ class PlannedOrder:
                 "order": dict(self.order) if self.order is not None else None, "reason": self.reason}
 
 
-@dataclass(frozen=True)
-class Rejection:
+class Rejection(NamedTuple):
     """The alert is refused whole: nothing of it is executed."""
 
     status: int
@@ -46,14 +46,13 @@ class Rejection:
     reason: str  # a fixed metric label: invalid, unmatched, schema, template, limits
 
 
-@dataclass(frozen=True)
-class Plan:
+class Plan(NamedTuple):
     orders: tuple[PlannedOrder, ...] = ()
     rejection: Rejection | None = None
     dedup_key: str | None = None  # from a route's `dedup_key`; None means the body's hash
     dedup_window: timedelta = timedelta(seconds=60)
     ack: str = "sync"
-    alert: Mapping[str, Any] = field(default_factory=dict)  # after the alert schema's defaults
+    alert: Mapping[str, Any] = MappingProxyType({})  # after the alert schema's defaults
 
     @property
     def routes(self) -> list[str]:

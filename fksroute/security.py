@@ -6,9 +6,8 @@ import hmac
 import ipaddress
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 from fksroute.signing import SIGNATURE_HEADER as SIGNED_BY
 from fksroute.signing import sign
@@ -92,8 +91,7 @@ def _same(given: Any, expected: str) -> bool:
     return isinstance(given, str) and hmac.compare_digest(given.encode(), expected.encode())
 
 
-@dataclass(frozen=True)
-class Credentials:
+class Credentials(NamedTuple):  # made once per request: a named tuple is built the fastest
     """What a request offered as proof: the signature header, the passphrase, the path token."""
 
     signature: str | None = None
