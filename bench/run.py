@@ -100,6 +100,11 @@ class Server:
         self._log.close()
 
 
+def machine_ticks() -> list[int]:
+    """The machine's CPU time so far by kind (user, nice, system, idle, iowait, irq, softirq, steal)."""
+    return [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+
+
 def _cpu_seconds(stat: Path) -> float:
     fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime and stime
@@ -158,7 +163,7 @@ def check_alert_is_executed(port: int) -> None:
 
 
 def report(results: list[Result], ready_s: float, rss_idle: float, rss: tuple[float, float],
-           writer_mb: float) -> None:
+           writer_mb: float, steal: float) -> None:
     print(f"{'target':<10}{'conns':>6}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
           f"{'non-2xx':>9}{'sock err':>9}{'dup':>6}{'failed':>8}{'loop us':>9}{'other us':>9}")
     for r in results:
@@ -177,6 +182,8 @@ def report(results: list[Result], ready_s: float, rss_idle: float, rss: tuple[fl
     print(f"fksroute resident memory: {rss_idle:.1f} MB when ready, {rss[0]:.1f} MB after the runs, "
           f"peak {rss[1]:.1f} MB  (goal < {GOAL_RSS_MB:.0f} MB); its journal writer process {writer_mb:.1f} MB")
     print(f"fksroute ready (/-/ready 200) {ready_s:.2f} s after start  (goal < {GOAL_READY_S} s)")
+    print(f"CPU time the machine's host took for itself during the runs (steal): {steal:.1f}%"
+          + ("  -- over 5%: the figures, and the ratio, are not to be trusted" if steal > 5 else ""))
 
 
 def main() -> int:
@@ -215,17 +222,20 @@ def main() -> int:
         print(f"wrk: {args.duration}s per run, connections {connections}, {args.symbols} symbol(s); "
               f"work dir {workdir}", flush=True)
         results = []
+        ticks = machine_ticks()
         for conns in connections:
             for server in (bare, daemon):
                 results.append(run_wrk(server, conns, args.duration, args.symbols))
         rss, writer_mb = daemon.memory_mb(), daemon.children_mb()
+        spent = [after - before for before, after in zip(ticks, machine_ticks())]
+        steal = 100 * spent[7] / max(sum(spent), 1)
     finally:
         daemon.stop()
         if bare is not None:
             bare.stop()
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    report(results, ready_s, rss_idle, rss, writer_mb)
+    report(results, ready_s, rss_idle, rss, writer_mb, steal)
     return 0
 
 
