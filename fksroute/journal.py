@@ -340,9 +340,14 @@ class Journal:
         if waiter is None or waiter[0].done():
             return
         future, convert = waiter
+        if ok and convert is not None:
+            try:
+                value = convert(value)
+            except Exception as exc:  # rows this side cannot read: that read fails, the others go on
+                value, ok = JournalError(f"journal: unreadable answer: {type(exc).__name__}: {exc}"), False
         try:
             if ok:
-                future.set_result(convert(value) if convert is not None else value)
+                future.set_result(value)
             else:
                 future.set_exception(value)
         except RuntimeError:  # its loop is closed: nobody waits any more

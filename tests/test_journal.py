@@ -357,3 +357,17 @@ def test_async_alerts_answered_just_before_a_stop_are_executed_before_it_ends(tm
     assert sorted(f["alert_id"] for f in fills) == sorted(r.json()["alert_id"] for r in answered)
     listed = read_recent(tmp_path / "journal.sqlite", limit=50)
     assert all(o["state"] == DONE and o["status"] == "filled" for e in listed for o in e["orders"])
+
+
+def test_a_read_whose_rows_cannot_be_read_fails_alone(journal, tmp_path):
+    async def main():
+        await record(journal, "a1", [("o1", PENDING)])
+        other = sqlite3.connect(tmp_path / "journal.sqlite", isolation_level=None)
+        other.execute("UPDATE orders SET request = 'not json' WHERE client_order_id = 'o1'")  # damaged by hand
+        other.close()
+        return await asyncio.gather(journal.unfinished(), record(journal, "a2", [("o2", PENDING)]),
+                                    return_exceptions=True)
+
+    broken, fine = asyncio.run(main())
+    assert isinstance(broken, JournalError) and "unreadable answer" in str(broken)
+    assert fine is None and journal.healthy
