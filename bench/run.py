@@ -75,19 +75,21 @@ class Server:
         """Resident memory now and at its peak (VmRSS, VmHWM), in MB."""
         return _memory_mb(self.proc.pid)
 
-    def children_mb(self) -> float:
-        """Resident memory of the processes it started (fksroute's journal writer), in MB."""
+    def children(self) -> list[int]:
+        """The processes it started (fksroute's journal writer)."""
         pid = self.proc.pid
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        return sum(_memory_mb(int(child))[0] for child in children)
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+    def children_mb(self) -> float:
+        """Resident memory of the processes it started, in MB."""
+        return sum(_memory_mb(child)[0] for child in self.children())
 
     def cpu_seconds(self) -> tuple[float, float]:
         """CPU used so far (user and system) by the main thread, and by the other threads and the children."""
         pid = self.proc.pid
         main = _cpu_seconds(Path(f"/proc/{pid}/task/{pid}/stat"))
         process = _cpu_seconds(Path(f"/proc/{pid}/stat"))
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        return main, max(0.0, process - main) + sum(_cpu_seconds(Path(f"/proc/{c}/stat")) for c in children)
+        return main, max(0.0, process - main) + sum(_cpu_seconds(Path(f"/proc/{c}/stat")) for c in self.children())
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -46,7 +46,6 @@ class JournalConflict(JournalError):
 BEST_EFFORT_BACKLOG = 10000
 READY_WITHIN = 30.0  # the writer's start, a predecessor's writer finishing included (LOCK_WAIT)
 STOP_WITHIN = 30.0   # at close, for the writer to commit what it was sent and checkpoint
-_TEXT = jsontext.text
 
 
 _PROCESS = secrets.randbits(16)  # told apart from other runs' ids by time and this
@@ -147,7 +146,7 @@ class Journal:
     def _read_one(self, sock: socket.socket) -> Any:
         """One frame, waiting for it (before the loop reads the socket); None at the end."""
         while True:
-            data = sock.recv(1 << 16)
+            data = sock.recv(RECV_SIZE)
             if not data:
                 return None
             for value in self._frames.feed(data):
@@ -260,7 +259,11 @@ class Journal:
             return
         assert loop is not None
         self._listen(loop)
-        if self._unanswered == 0:
+        self._send_queued()
+
+    def _send_queued(self) -> None:
+        """What queued goes out as one frame, once the writer has answered every group before it."""
+        if self._unanswered == 0 and self._queued and not self._closed and self._lost is None:
             self._out += self._encode(self._take_queued())
             self._pump()
 
@@ -316,9 +319,7 @@ class Journal:
             return
         for value in self._frames.feed(data):
             self._answered(value)
-        if self._unanswered == 0 and self._queued and not self._closed and self._lost is None:
-            self._out += self._encode(self._take_queued())
-            self._pump()
+        self._send_queued()
 
     def _answered(self, group: tuple) -> None:
         committed, error, outcomes = group
@@ -384,9 +385,9 @@ class Journal:
         """
         now = time.time()
         alert_row = (alert_id, now, source, body, outcome, reason, http_status, dedup_key, duplicate_of,
-                     _TEXT(reply) if reply is not None else None, config_version)
-        order_rows = [(coid, alert_id, i, route, plugin, _TEXT(request) if request is not None else None,
-                       state, status, _TEXT({"reason": reason}) if reason else None, now, now)
+                     jsontext.text(reply) if reply is not None else None, config_version)
+        order_rows = [(coid, alert_id, i, route, plugin, jsontext.text(request) if request is not None else None,
+                       state, status, jsontext.text({"reason": reason}) if reason else None, now, now)
                       for i, (coid, route, plugin, request, state, status, reason) in enumerate(orders)]
         return self._submit("alert", alert_row, order_rows, wait)
 
@@ -397,7 +398,7 @@ class Journal:
 
     def record_result(self, client_order_id: str, result: OrderResult) -> asyncio.Future:
         row = (client_order_id, OPEN if result.status == "placed" else DONE, result.status, result.order_id,
-               result.error, result.filled_quantity, result.average_price, _TEXT(dict(result.detail)), time.time())
+               result.error, result.filled_quantity, result.average_price, jsontext.text(dict(result.detail)), time.time())
         future = self._submit("result", row)
         assert future is not None
         return future

@@ -140,11 +140,11 @@ def _insert_alert(conn: sqlite3.Connection, alert_row: tuple, order_rows: list[t
     conn.executemany(_rows(_INSERT_ORDERS, 11, 1), order_rows)
 
 
-def _update_result(conn: sqlite3.Connection, row: tuple, _: Any = None) -> None:
+def _update_result(conn: sqlite3.Connection, row: tuple) -> None:
     conn.execute(_rows(_UPDATE_RESULTS, 9, 1), row)
 
 
-def _mark_sent(conn: sqlite3.Connection, row: tuple, _: Any = None) -> None:
+def _mark_sent(conn: sqlite3.Connection, row: tuple) -> None:
     conn.execute("UPDATE orders SET state = ?, updated_at = ? WHERE client_order_id = ?", row)
 
 

@@ -117,7 +117,6 @@ class Writer:
         except (OSError, ValueError):  # stderr is gone (closed, broken pipe): nowhere left to say so
             pass
 
-
     def _asctime(self, created: float) -> str:
         """FORMAT's asctime (logging's default: local time, then milliseconds after a comma)."""
         second = int(created)
