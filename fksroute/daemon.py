@@ -171,7 +171,7 @@ class Daemon:
         for key, alert_id, received_at, status, _ in await self.journal.dedup_entries(now - window):
             # A resend gets the first delivery's status (202 for an async alert) and its orders as
             # the journal holds them (see WebhookHandler._duplicate).
-            self.dedup.add(key, alert_id, received_at + window - now, None, now, status=status or 200)
+            self.dedup.add(key, alert_id, received_at + window - now, False, now, status=status or 200)
 
     def _apply_security(self, table: RoutingTable) -> None:
         s = table.security

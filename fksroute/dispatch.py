@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
+import zlib
 from typing import Any, Awaitable, Callable, Mapping
 
 from fksroute.journal import OPEN, PENDING, SENT, Journal, JournalError, OrderRow
@@ -24,10 +24,10 @@ def client_order_id(alert_id: str, route: str, position: int) -> str:
     """Derived from the alert and route: the same on every retry and after a restart.
 
     32 letters and digits (what every venue takes): `fks`, the alert's id, the order's position
-    and two hex digits of the route's hash. Alert ids are time-ordered, so new orders go at the
+    and two hex digits of a checksum of the three (CRC-32: stable everywhere, and cheap). Alert ids are time-ordered, so new orders go at the
     end of the journal's index instead of onto a random page of it, one page write per order."""
-    digest = hashlib.sha256(f"{alert_id}:{route}:{position}".encode()).hexdigest()
-    return f"fks{alert_id}{position:03x}{digest[:2]}"
+    check = zlib.crc32(f"{alert_id}:{route}:{position}".encode()) & 0xFF
+    return f"fks{alert_id}{position:03x}{check:02x}"
 
 
 def lane_of(request: OrderRequest) -> Lane:
@@ -107,14 +107,10 @@ class Dispatcher:
         """After an order in line: its result to the journal (retried in a task only if that
         fails), its count and its log line."""
         try:
-            written = self.journal.record_result(request.client_order_id, result)
+            self.journal.record_result(request.client_order_id, result,
+                                       on_failure=lambda _: self._retry_result(request, result))
         except JournalError:
-            written = None
-        if written is None:
             self._retry_result(request, result)
-        else:
-            written.add_done_callback(lambda w: None if not w.cancelled() and w.exception() is None
-                                      else self._retry_result(request, result))
         self._report(request, plugin, result)
 
     def _retry_result(self, request: OrderRequest, result: OrderResult) -> None:

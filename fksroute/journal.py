@@ -48,13 +48,13 @@ READY_WITHIN = 30.0  # the writer's start, a predecessor's writer finishing incl
 STOP_WITHIN = 30.0   # at close, for the writer to commit what it was sent and checkpoint
 
 
-_PROCESS = secrets.randbits(16)  # told apart from other runs' ids by time and this
+_PROCESS = f"{secrets.randbits(16):04x}"  # told apart from other runs' ids by time and this
 _COUNTER = itertools.count()
 
 
 def new_alert_id() -> str:
     """Time-ordered and unique: milliseconds, this process's random tag, a counter; 24 hex characters."""
-    return f"{int(time.time() * 1000):012x}{_PROCESS:04x}{next(_COUNTER) & 0xFFFFFFFF:08x}"
+    return "%012x%s%08x" % (int(time.time() * 1000), _PROCESS, next(_COUNTER) & 0xFFFFFFFF)
 
 
 # (client_order_id, route, plugin, request, state, status, reason a route was skipped)
@@ -185,11 +185,13 @@ class Journal:
     # --- sending ----------------------------------------------------------------------------
 
     def _submit(self, kind: str, a: Any, b: Any = None, wait: bool = True,
-                convert: Callable[[Any], Any] | None = None) -> asyncio.Future | None:
+                convert: Callable[[Any], Any] | None = None,
+                on_failure: Callable[[JournalError], Any] | None = None) -> asyncio.Future | None:
         """Queue an operation; the returned future resolves once its group is committed (fsynced).
 
         Without `wait` the write is best effort: dropped when the writer is far behind, so that a
-        flood of refused requests cannot grow the queue without bound."""
+        flood of refused requests cannot grow the queue without bound. With `on_failure` there is
+        no future: the write is kept like any other, and only its failure is told, to that callable."""
         if self._closed:
             raise JournalError("the journal is closed")
         if self._lost is not None:
@@ -208,7 +210,9 @@ class Journal:
                 self._send_now([op])
                 return None
         future = None
-        if wait:
+        if on_failure is not None:
+            self._waiting[op[0]] = (None, on_failure)
+        elif wait:
             future = loop.create_future()
             self._waiting[op[0]] = (future, convert)
         self._queued.append(op)
@@ -338,9 +342,15 @@ class Journal:
 
     def _settle(self, seq: int, value: Any, ok: bool = False) -> None:
         waiter = self._waiting.pop(seq, None)
-        if waiter is None or waiter[0].done():
+        if waiter is None:
             return
         future, convert = waiter
+        if future is None:  # written with on_failure: only a failure is told
+            if not ok:
+                convert(value)
+            return
+        if future.done():
+            return
         if ok and convert is not None:
             try:
                 value = convert(value)
@@ -396,11 +406,13 @@ class Journal:
         assert future is not None
         return future
 
-    def record_result(self, client_order_id: str, result: OrderResult) -> asyncio.Future:
+    def record_result(self, client_order_id: str, result: OrderResult,
+                      on_failure: Callable[[JournalError], Any] | None = None) -> asyncio.Future | None:
+        """The order's result; with `on_failure`, no future: that callable hears of a failure only."""
         row = (client_order_id, OPEN if result.status == "placed" else DONE, result.status, result.order_id,
                result.error, result.filled_quantity, result.average_price, jsontext.text(dict(result.detail)), time.time())
-        future = self._submit("result", row)
-        assert future is not None
+        future = self._submit("result", row, on_failure=on_failure)
+        assert future is not None or on_failure is not None
         return future
 
     # --- reads (by the writer, in line with the writes: they see every write sent before them) -----

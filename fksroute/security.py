@@ -113,7 +113,10 @@ def authenticate(body: bytes, offered: Credentials, secret: str | None, path_tok
 
 
 def strip_secret(alert: Mapping[str, Any]) -> dict[str, Any]:
-    """The alert without its passphrase: what is logged, journaled and rendered."""
+    """The alert without its passphrase: what is logged, journaled and rendered (the alert
+    itself when it has none)."""
+    if PASSPHRASE not in alert:
+        return alert  # type: ignore[return-value]
     return {k: v for k, v in alert.items() if k != PASSPHRASE}
 
 

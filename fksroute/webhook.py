@@ -45,10 +45,12 @@ class BadAlert(ValueError):
 def reply_body(alert_id: str | None, results: list[dict[str, Any]], error: str | None = None,
                duplicate: bool = False) -> dict[str, Any]:
     """The contract's reply: success, order_id, error, alert_id, duplicate, results."""
-    failed = [r for r in results if r.get("status") not in SUCCESS_STATUSES]
-    if error is None and failed:
-        error = failed[0].get("error") or f"route {failed[0].get('route')}: {failed[0].get('status')}"
-    order_id = next((r["order_id"] for r in results if r.get("order_id")), None)
+    order_id = None
+    for r in results:
+        if error is None and r.get("status") not in SUCCESS_STATUSES:
+            error = r.get("error") or f"route {r.get('route')}: {r.get('status')}"
+        if order_id is None and r.get("order_id"):
+            order_id = r["order_id"]
     return {"success": error is None, "order_id": order_id, "error": error, "alert_id": alert_id,
             "duplicate": duplicate, "results": results}
 
@@ -224,6 +226,15 @@ class WebhookHandler:
 
     def __init__(self, daemon: "Daemon") -> None:
         self.daemon = daemon
+        self._secrets_of: tuple[Any, tuple[str, ...]] = (None, ())
+
+    def _secrets(self, table: Any) -> tuple[str, ...]:
+        """Every secret of `table` (the webhook's, the path token, the substituted ones), once per table."""
+        if self._secrets_of[0] is not table:
+            settings = table.security
+            found = {settings.secret, settings.path_token, *table.secrets}
+            self._secrets_of = (table, tuple(sorted((s for s in found if s), key=len, reverse=True)))
+        return self._secrets_of[1]
 
     def _journal_rejection(self, source: str | None, body: str | None, reason: str, status: int,
                            reply: Mapping[str, Any], wait: bool) -> asyncio.Future | None:
@@ -286,8 +297,7 @@ class WebhookHandler:
         offered = security.Credentials(signature, alert.get(security.PASSPHRASE), path_token)
         alert = security.strip_secret(alert)
         # The passphrase is gone; a secret pasted anywhere else in the body must not be stored either.
-        stored = security.redact(jsontext.text(alert),
-                                 (settings.secret, settings.path_token, *table.secrets))
+        stored = security.redact(jsontext.text(alert), self._secrets(table))
         if not security.authenticate(body, offered, settings.secret, settings.path_token):
             return self._refuse(401, UNAUTHORIZED, "auth", source, stored)
         try:
@@ -345,8 +355,7 @@ class WebhookHandler:
                 http_status=status, dedup_key=key, config_version=deployment.table.version, orders=rows)
         except JournalError as exc:
             return self._journal_down(exc)
-        reply_future: asyncio.Future = committed.get_loop().create_future()
-        seen = daemon.dedup.add(key, alert_id, plan.dedup_window.total_seconds(), reply_future)
+        seen = daemon.dedup.add(key, alert_id, plan.dedup_window.total_seconds(), True)
         executions = {pos: daemon.dispatcher.submit(req, deployment.plugins.get(req.plugin), committed)
                       for pos, req in enumerate(requests) if req is not None}
         try:
@@ -355,20 +364,18 @@ class WebhookHandler:
             daemon.dedup.forget(key, alert_id)
             reply = (self._conflict(exc, source, stored) if isinstance(exc, JournalConflict)
                      else self._journal_down(exc))
-            reply_future.set_result((reply.status, reply.body))
+            seen.answered(reply.status, reply.body)
             return reply
         # Journaled: whatever happens now, the answer is not a 5xx (TradingView would resend).
         try:
             body = await self._answer(alert_id, plan, rows, executions, source, status, label)
         except asyncio.CancelledError:  # the server is going down: resends still learn it was taken
-            reply_future.set_result((202, reply_body(alert_id, [])))
-            seen.answered(202)
+            seen.answered(202, reply_body(alert_id, []))
             raise
         except Exception:
             log.exception("alert %s: building the answer failed; its orders continue", alert_id)
             body = reply_body(alert_id, [])
-        reply_future.set_result((status, body))  # for resends that arrived meanwhile
-        seen.answered(status)
+        seen.answered(status, body)  # and to the resends that arrived meanwhile
         return Reply(status, body)
 
     async def _answer(self, alert_id: str, plan: Plan, rows: list[tuple], executions: dict[int, asyncio.Future],
@@ -376,7 +383,7 @@ class WebhookHandler:
         """The answer once every order has been executed (or ANSWER_WITHIN has passed): its
         result is answered as the plugin gave it, while its journal write is on its way."""
         daemon = self.daemon
-        if executions and status != 202:
+        if executions and status != 202 and not all(e.done() for e in executions.values()):
             await _settled(executions.values(), ANSWER_WITHIN)
         results = []
         for position, planned in enumerate(plan.orders):
@@ -404,9 +411,9 @@ class WebhookHandler:
 
     async def _duplicate(self, seen: Any, key: str, stored: str, source: str | None) -> Reply:
         daemon = self.daemon
-        if seen.reply is not None:  # the first delivery is still being answered
+        if seen.answering:  # the first delivery is still being answered
             try:
-                status, first = await asyncio.wait_for(asyncio.shield(seen.reply), ANSWER_WITHIN)
+                status, first = await asyncio.wait_for(asyncio.shield(seen.wait_reply()), ANSWER_WITHIN)
             except asyncio.TimeoutError:
                 status, first = 202, reply_body(seen.alert_id, [], error=None)
         else:  # answered: its orders, as the journal holds them now

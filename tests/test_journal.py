@@ -343,6 +343,25 @@ def test_a_value_the_writer_cannot_be_sent_fails_alone(journal):
     assert journal.healthy
 
 
+def test_a_result_written_without_a_future_tells_only_its_failure(journal):
+    from decimal import Decimal
+
+    async def main():
+        failures = []
+        await record(journal, "a1", [("o1", PENDING), ("o2", PENDING)])
+        bad = journal.record_result("o1", OrderResult("filled", "v1", filled_quantity=Decimal("1.5")),
+                                    on_failure=failures.append)
+        good = journal.record_result("o2", OrderResult("filled", "v2", filled_quantity=1.5),
+                                     on_failure=failures.append)
+        orders = await journal.order_results("a1")  # answered after both writes' group
+        return bad, good, failures, orders
+
+    bad, good, failures, orders = asyncio.run(main())
+    assert bad is None and good is None
+    assert len(failures) == 1 and isinstance(failures[0], JournalError) and "cannot be stored" in str(failures[0])
+    assert [(o["client_order_id"], o["state"]) for o in orders] == [("o1", PENDING), ("o2", DONE)]
+
+
 def test_async_alerts_answered_just_before_a_stop_are_executed_before_it_ends(tmp_path, daemon_factory):
     daemon = daemon_factory(write_routes(tmp_path, """
         version: 1

@@ -58,10 +58,12 @@ class _Book:
     fills: int = 0
 
     def remember(self, client_order_id: str, result: OrderResult) -> None:
-        self.results[client_order_id] = result
-        self.results.move_to_end(client_order_id)
-        while len(self.results) > RESULTS_KEPT:
-            self.results.popitem(last=False)
+        results = self.results
+        if client_order_id in results:  # a resting order filled later: now the most recent
+            results.move_to_end(client_order_id)
+        results[client_order_id] = result
+        if len(results) > RESULTS_KEPT:
+            results.popitem(last=False)
 
 
 class PaperPlugin:
@@ -179,12 +181,18 @@ class PaperPlugin:
     def _fill(self, request: OrderRequest, order_id: str, symbol: str, side: str,
               quantity: float, price: float) -> OrderResult:
         price = round(price, 10)
-        self.book.positions.setdefault(symbol, _Position()).apply(side, quantity, price)
-        self.book.fills += 1
-        attached = self._attach(request, order_id, symbol, side, quantity)
-        detail: dict[str, Any] = {"simulated": True, "position": self.book.positions[symbol].quantity}
-        if attached:
-            detail["attached"] = attached
+        book = self.book
+        position = book.positions.get(symbol)
+        if position is None:
+            position = book.positions[symbol] = _Position()
+        position.apply(side, quantity, price)
+        book.fills += 1
+        detail: dict[str, Any] = {"simulated": True, "position": position.quantity}
+        order = request.order
+        if "stop_loss" in order or "take_profit" in order:
+            attached = self._attach(request, order_id, symbol, side, quantity)
+            if attached:
+                detail["attached"] = attached
         return OrderResult(FILLED, order_id, filled_quantity=quantity, average_price=price, detail=detail)
 
     def _attach(self, request: OrderRequest, parent: str, symbol: str, side: str, quantity: float) -> list[dict]:
