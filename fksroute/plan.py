@@ -173,8 +173,9 @@ def plan_alert(table: RoutingTable, alert: Mapping[str, Any], now: datetime | No
             filled, problem = route.alert_schema.apply(alert)
             if problem is not None:
                 return Plan(rejection=Rejection(problem.status, problem.message, "invalid"), alert=alert)
-        names = variables(filled, route.name, now, markets(route.to), table.symbols)
+        names = None  # what Jinja sees: made only when a template needs Jinja
         if route is first and route.dedup_key is not None:
+            names = variables(filled, route.name, now, markets(route.to), table.symbols)
             try:
                 dedup_key = str(route.dedup_key.render(names))
             except TransformError as exc:
@@ -187,14 +188,18 @@ def plan_alert(table: RoutingTable, alert: Mapping[str, Any], now: datetime | No
         if skip is not None:
             planned.append(PlannedOrder(route.name, route.to, SKIPPED, reason=skip[1], label=skip[0]))
             continue
+        template = route.order or DEFAULT_ORDER
         try:
-            order = (route.order or DEFAULT_ORDER).render(names)
+            order = template.render_fast(filled)
+            if order is None:
+                order = template.render_jinja(names or variables(filled, route.name, now, markets(route.to),
+                                                                 table.symbols))
         except TransformError as exc:
             return Plan(rejection=Rejection(422, f"route {route.name}: {exc}", "template"), alert=alert)
         errors = route.schema.errors(order)
         if errors:
             return Plan(rejection=Rejection(422, f"route {route.name}: invalid order: {errors[0]}", "schema"), alert=alert)
-        problem = _limit_problem(route, order, filled)
+        problem = _limit_problem(route, order, filled) if route.limits is not None else None
         if problem is not None:
             return Plan(rejection=Rejection(422, problem, "limits"), alert=alert)
         planned.append(PlannedOrder(route.name, route.to, READY, order=order))

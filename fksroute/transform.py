@@ -319,13 +319,15 @@ class OrderTemplate:
 
     def render(self, variables: Mapping[str, Any]) -> dict[str, Any]:
         """Render every leaf; a leaf that renders to None is left out of the order."""
-        if self.fast is not None:
-            out = _render_fast(self.fast, variables.get("alert"))
-            if out is not None:
-                return out
-        return self._render_jinja(variables)
+        out = self.render_fast(variables.get("alert"))
+        return out if out is not None else self.render_jinja(variables)
 
-    def _render_jinja(self, variables: Mapping[str, Any]) -> dict[str, Any]:
+    def render_fast(self, alert: Any) -> dict[str, Any] | None:
+        """The order without Jinja, when every leaf is simple and the alert has what they read;
+        else None, and `render_jinja` renders it (and words any error)."""
+        return _render_fast(self.fast, alert) if self.fast is not None else None
+
+    def render_jinja(self, variables: Mapping[str, Any]) -> dict[str, Any]:
         """`render` without the fast path: Jinja renders the order."""
         names = with_globals(variables)
         if self.combined is not None:

@@ -104,7 +104,7 @@ def test_one_render_per_order_agrees_with_leaf_by_leaf(alert):
                 return "error", str(exc)
 
         slow = outcome(lambda: _render(template.tree, with_globals(names), ()))
-        assert outcome(lambda: template._render_jinja(names)) == slow
+        assert outcome(lambda: template.render_jinja(names)) == slow
 
 
 def test_the_one_render_is_used_for_plain_orders():
@@ -167,7 +167,7 @@ def test_fast_path_is_jinja(name, alert):
     order = FAST_ORDERS[name]
     assert order.fast is not None
     names = variables(alert, "r", NOW)
-    slow = outcome(lambda: order._render_jinja(names))
+    slow = outcome(lambda: order.render_jinja(names))
     fast = _render_fast(order.fast, alert)
     if fast is not None:  # it answers only with what Jinja answers; else Jinja renders (and words the error)
         assert outcome(lambda: fast) == slow
@@ -280,7 +280,7 @@ expressions = st.recursive(fields | constants, lambda inner: st.one_of(
 def test_random_simple_expressions_are_jinja(sources, alert):
     order = OrderTemplate(compile_order({f"k{i}": "{{ " + s + " }}" for i, s in enumerate(sources)}))
     names = variables(alert, "r", NOW)
-    slow = outcome(lambda: order._render_jinja(names))
+    slow = outcome(lambda: order.render_jinja(names))
     fast = _render_fast(order.fast, alert) if order.fast is not None else None
     if fast is not None:
         assert outcome(lambda: fast) == slow
