@@ -155,7 +155,16 @@ class _WebhookEndpoint:
     async def __call__(self, scope: dict, receive: Callable, send: Callable, token: str | None) -> None:
         started = time.perf_counter()
         try:
-            reply = await self._reply(scope, receive, token)
+            handler = self.daemon.webhook
+            # ASGI gives header names in lower case; a repeated header keeps its last value.
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+            client = scope.get("client")
+            source, reply = handler.admit(client[0] if client else None, headers)
+            if reply is None:
+                limit = self.daemon.deployment.table.security.max_body_bytes
+                body = await _read_body(headers.get("content-length"), receive, limit)
+                reply = (handler.too_large(source, limit) if body is None
+                         else await handler.handle(body, headers, source, token))
         except _Disconnected:
             return  # the client went away before its body arrived: nobody to answer
         except Exception:  # a bug must still get an answer, and a traceback in the log
@@ -164,22 +173,10 @@ class _WebhookEndpoint:
         self.daemon.metrics.latency.observe(time.perf_counter() - started)
         text = encode_reply(reply.body)
         headers = [(b"content-length", str(len(text)).encode()), (b"content-type", b"application/json")]
-        headers.extend((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers.items())
+        if reply.headers:
+            headers.extend((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers.items())
         await send({"type": "http.response.start", "status": reply.status, "headers": headers})
         await send({"type": "http.response.body", "body": text})
-
-    async def _reply(self, scope: dict, receive: Callable, token: str | None) -> Reply:
-        handler = self.daemon.webhook
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        client = scope.get("client")
-        source, refused = handler.admit(client[0] if client else None, headers)
-        if refused is not None:
-            return refused
-        limit = self.daemon.deployment.table.security.max_body_bytes
-        body = await _read_body(headers.get("content-length"), receive, limit)
-        if body is None:
-            return handler.too_large(source, limit)
-        return await handler.handle(body, headers, source, token)
 
 
 class _Disconnected(Exception):
@@ -205,7 +202,8 @@ async def _read_body(declared: str | None, receive: Callable, limit: int) -> byt
                 return None
         except ValueError:
             return None
-    chunks, size = [], 0
+    chunks: list[bytes] = []
+    size = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
@@ -214,6 +212,9 @@ async def _read_body(declared: str | None, receive: Callable, limit: int) -> byt
         size += len(chunk)
         if size > limit:
             return None
-        chunks.append(chunk)
         if not message.get("more_body", False):
+            if not chunks:
+                return chunk  # the whole body in one message: the usual case
+            chunks.append(chunk)
             return b"".join(chunks)
+        chunks.append(chunk)

@@ -351,8 +351,9 @@ def result_entry(route: str, plugin: str | None, result: OrderResult | None, sta
         entry["filled_quantity"] = result.filled_quantity
     if result is not None and result.average_price is not None:
         entry["average_price"] = result.average_price
+    # The entry is encoded at once and kept nowhere: plain dicts go in as they are.
     if order is not None:
-        entry["order"] = dict(order)
+        entry["order"] = order if type(order) is dict else dict(order)
     if result is not None and result.detail:
-        entry["detail"] = dict(result.detail)
+        entry["detail"] = result.detail if type(result.detail) is dict else dict(result.detail)
     return entry

@@ -8,7 +8,7 @@ import json
 import logging
 import math
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Collection, Mapping, NamedTuple
+from typing import TYPE_CHECKING, Any, Collection, Iterable, Mapping, NamedTuple
 
 from fksroute import jsontext, security
 from fksroute.dispatch import client_order_id, result_entry
@@ -190,6 +190,13 @@ def _parse_strict(text: str, content_type: str | None) -> dict[str, Any]:
     return {"message": text}
 
 
+def _all_done(futures: Iterable[asyncio.Future]) -> bool:
+    for future in futures:
+        if not future.done():
+            return False
+    return True
+
+
 async def _settled(tasks: Collection[asyncio.Future], timeout: float) -> None:
     """Wait until every task is done or `timeout` has passed: asyncio.wait without its sets."""
     pending = [t for t in tasks if not t.done()]
@@ -336,17 +343,18 @@ class WebhookHandler:
         alert_id = new_alert_id()
         requests: list[OrderRequest | None] = []
         rows = []
+        executes = False
         for position, planned in enumerate(plan.orders):
             coid = planned.order.get("client_order_id") if planned.order else None
             coid = str(coid) if coid else client_order_id(alert_id, planned.route, position)
             if planned.status == READY:
+                executes = True
                 requests.append(OrderRequest(coid, alert_id, planned.route, planned.plugin or "", planned.order or {}))
                 rows.append((coid, planned.route, planned.plugin, planned.order, PENDING, None, None))
             else:
                 requests.append(None)
                 rows.append((coid, planned.route, planned.plugin, planned.order, DONE, planned.status, planned.reason))
         # The answer's status and outcome are known now: journaled with the alert, never updated.
-        executes = any(r is not None for r in requests)
         status = 202 if executes and plan.ack == "async" else 200
         label = None if executes else next((o.label for o in plan.orders if o.label), None)
         try:
@@ -368,7 +376,9 @@ class WebhookHandler:
             return reply
         # Journaled: whatever happens now, the answer is not a 5xx (TradingView would resend).
         try:
-            body = await self._answer(alert_id, plan, rows, executions, source, status, label)
+            if executions and status != 202 and not _all_done(executions.values()):
+                await _settled(executions.values(), ANSWER_WITHIN)
+            body = self._answer(alert_id, plan, rows, executions, source, status, label)
         except asyncio.CancelledError:  # the server is going down: resends still learn it was taken
             seen.answered(202, reply_body(alert_id, []))
             raise
@@ -378,13 +388,11 @@ class WebhookHandler:
         seen.answered(status, body)  # and to the resends that arrived meanwhile
         return Reply(status, body)
 
-    async def _answer(self, alert_id: str, plan: Plan, rows: list[tuple], executions: dict[int, asyncio.Future],
-                      source: str | None, status: int, label: str | None) -> dict[str, Any]:
+    def _answer(self, alert_id: str, plan: Plan, rows: list[tuple], executions: dict[int, asyncio.Future],
+                source: str | None, status: int, label: str | None) -> dict[str, Any]:
         """The answer once every order has been executed (or ANSWER_WITHIN has passed): its
         result is answered as the plugin gave it, while its journal write is on its way."""
         daemon = self.daemon
-        if executions and status != 202 and not all(e.done() for e in executions.values()):
-            await _settled(executions.values(), ANSWER_WITHIN)
         results = []
         for position, planned in enumerate(plan.orders):
             execution = executions.get(position)
