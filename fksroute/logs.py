@@ -107,8 +107,10 @@ class Writer:
                 elif REDACTOR.filter(record):
                     lines.append(FORMAT.format(record))
             except Exception:  # one bad record (its arguments do not fit its format) loses only itself
-                lines.append(REDACTOR(f"{record.levelname} {record.name}: a log line could not be formatted: "
-                                      f"{record.msg!r} % {record.args!r}"))
+                what = (f"{record[1]} {record[2]}: a log line could not be formatted: {record[3]!r}"
+                        if type(record) is tuple else f"{record.levelname} {record.name}: a log line could not "
+                                                      f"be formatted: {record.msg!r} % {record.args!r}")
+                lines.append(REDACTOR(what))
         if not lines:
             return
         try:

@@ -74,6 +74,22 @@ def test_a_record_that_cannot_be_formatted_loses_only_itself(logged, secret):
     assert secret not in written[1]
 
 
+def test_a_line_said_plainly_that_cannot_be_formatted_loses_only_itself(secret):
+    import time as clock
+
+    stream = io.StringIO()
+    writer = Writer(stream)
+    try:
+        writer.write([(clock.time(), "INFO", "fksroute.said", "before"),
+                      ("not a time", "INFO", "fksroute.said", f"with {secret}"),
+                      (clock.time(), "INFO", "fksroute.said", "after")])
+    finally:
+        writer.stop()
+    written = stream.getvalue().splitlines()
+    assert written[0].endswith("before") and written[2].endswith("after")
+    assert "fksroute.said: a log line could not be formatted" in written[1] and secret not in written[1]
+
+
 def test_a_stream_that_is_gone_does_not_stop_the_writer():
     class Gone(io.StringIO):
         def write(self, text):
