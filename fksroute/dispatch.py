@@ -24,8 +24,9 @@ def client_order_id(alert_id: str, route: str, position: int) -> str:
     """Derived from the alert and route: the same on every retry and after a restart.
 
     32 letters and digits (what every venue takes): `fks`, the alert's id, the order's position
-    and two hex digits of a checksum of the three (CRC-32: stable everywhere, and cheap). Alert ids are time-ordered, so new orders go at the
-    end of the journal's index instead of onto a random page of it, one page write per order."""
+    and two hex digits of a checksum of the three (CRC-32: stable everywhere, and cheap). Alert
+    ids are time-ordered, so new orders go at the end of the journal's index instead of onto a
+    random page of it, one page write per order."""
     check = zlib.crc32(f"{alert_id}:{route}:{position}".encode()) & 0xFF
     return f"fks{alert_id}{position:03x}{check:02x}"
 

@@ -163,6 +163,10 @@ def plan_alert(table: RoutingTable, alert: Mapping[str, Any], now: datetime | No
                         alert=alert)
         routes = [table.defaults]
 
+    def jinja_names(route: Route, filled: Mapping[str, Any]) -> dict[str, Any]:
+        """What Jinja sees: made only when a template needs Jinja."""
+        return variables(filled, route.name, now, markets(route.to), table.symbols)
+
     planned: list[PlannedOrder] = []
     first = routes[0]
     dedup_key: str | None = None
@@ -173,11 +177,9 @@ def plan_alert(table: RoutingTable, alert: Mapping[str, Any], now: datetime | No
             filled, problem = route.alert_schema.apply(alert)
             if problem is not None:
                 return Plan(rejection=Rejection(problem.status, problem.message, "invalid"), alert=alert)
-        names = None  # what Jinja sees: made only when a template needs Jinja
         if route is first and route.dedup_key is not None:
-            names = variables(filled, route.name, now, markets(route.to), table.symbols)
             try:
-                dedup_key = str(route.dedup_key.render(names))
+                dedup_key = str(route.dedup_key.render(jinja_names(route, filled)))
             except TransformError as exc:
                 return Plan(rejection=Rejection(422, f"dedup_key of route {route.name}: {exc}", "template"), alert=alert)
         if not table.enabled:
@@ -192,8 +194,7 @@ def plan_alert(table: RoutingTable, alert: Mapping[str, Any], now: datetime | No
         try:
             order = template.render_fast(filled)
             if order is None:
-                order = template.render_jinja(names or variables(filled, route.name, now, markets(route.to),
-                                                                 table.symbols))
+                order = template.render_jinja(jinja_names(route, filled))
         except TransformError as exc:
             return Plan(rejection=Rejection(422, f"route {route.name}: {exc}", "template"), alert=alert)
         errors = route.schema.errors(order)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 if TYPE_CHECKING:
@@ -229,6 +230,13 @@ class RoutingTable:
     files: tuple[str, ...] = ()
     secrets: frozenset[str] = field(default=frozenset(), repr=False)
     document: Mapping[str, Any] = field(default_factory=dict, repr=False)  # as written, secrets unsubstituted
+
+    @cached_property
+    def stored_secrets(self) -> tuple[str, ...]:
+        """What a journaled alert must never hold: the webhook's secret, the path token and every
+        substituted secret, longest first (a secret holding another is redacted whole)."""
+        found = {*self.secrets, *((self.security.secret, self.security.path_token) if self.security else ())}
+        return tuple(sorted((s for s in found if s), key=len, reverse=True))
 
     def match(self, alert: Mapping[str, Any]) -> list[Route]:
         """The routes that take `alert`: the first match, and more while they say `continue`."""

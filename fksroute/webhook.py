@@ -8,7 +8,7 @@ import json
 import logging
 import math
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Collection, Iterable, Mapping, NamedTuple
+from typing import TYPE_CHECKING, Any, Collection, Mapping, NamedTuple
 
 import orjson
 
@@ -196,18 +196,9 @@ def _parse_strict(text: str, content_type: str | None) -> dict[str, Any]:
     return {"message": text}
 
 
-def _all_done(futures: Iterable[asyncio.Future]) -> bool:
-    for future in futures:
-        if not future.done():
-            return False
-    return True
-
-
-async def _settled(tasks: Collection[asyncio.Future], timeout: float) -> None:
-    """Wait until every task is done or `timeout` has passed: asyncio.wait without its sets."""
-    pending = [t for t in tasks if not t.done()]
-    if not pending:
-        return
+async def _settled(pending: Collection[asyncio.Future], timeout: float) -> None:
+    """Wait until every future of `pending` (none done yet) is done or `timeout` has passed:
+    asyncio.wait without its sets. The caller filters, so that nothing waits costs no coroutine."""
     loop = asyncio.get_running_loop()
     waiter = loop.create_future()
     left = len(pending)
@@ -239,15 +230,6 @@ class WebhookHandler:
 
     def __init__(self, daemon: "Daemon") -> None:
         self.daemon = daemon
-        self._secrets_of: tuple[Any, tuple[str, ...]] = (None, ())
-
-    def _secrets(self, table: Any) -> tuple[str, ...]:
-        """Every secret of `table` (the webhook's, the path token, the substituted ones), once per table."""
-        if self._secrets_of[0] is not table:
-            settings = table.security
-            found = {settings.secret, settings.path_token, *table.secrets}
-            self._secrets_of = (table, tuple(sorted((s for s in found if s), key=len, reverse=True)))
-        return self._secrets_of[1]
 
     def _journal_rejection(self, source: str | None, body: str | None, reason: str, status: int,
                            reply: Mapping[str, Any], wait: bool) -> asyncio.Future | None:
@@ -310,7 +292,7 @@ class WebhookHandler:
         offered = security.Credentials(signature, alert.get(security.PASSPHRASE), path_token)
         alert = security.strip_secret(alert)
         # The passphrase is gone; a secret pasted anywhere else in the body must not be stored either.
-        stored = security.redact(jsontext.text(alert), self._secrets(table))
+        stored = security.redact(jsontext.text(alert), table.stored_secrets)
         if not security.authenticate(body, offered, settings.secret, settings.path_token):
             return self._refuse(401, UNAUTHORIZED, "auth", source, stored)
         try:
@@ -382,8 +364,9 @@ class WebhookHandler:
             return reply
         # Journaled: whatever happens now, the answer is not a 5xx (TradingView would resend).
         try:
-            if executions and status != 202 and not _all_done(executions.values()):
-                await _settled(executions.values(), ANSWER_WITHIN)
+            pending = [e for e in executions.values() if not e.done()] if status != 202 else None
+            if pending:
+                await _settled(pending, ANSWER_WITHIN)
             body = self._answer(alert_id, plan, rows, executions, source, status, label)
         except asyncio.CancelledError:  # the server is going down: resends still learn it was taken
             seen.answered(202, reply_body(alert_id, []))
