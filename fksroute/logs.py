@@ -159,8 +159,6 @@ def setup_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [Handoff(_writer.records)]
     root.setLevel(level)
-    # watchfiles reports every change it sees, the journal's own writes included.
-    logging.getLogger("watchfiles").setLevel(logging.WARNING)
     # The format shows none of these, and each costs time on every line (the Logging HOWTO's
     # "Optimization" section): the caller's file and line, the thread, the process.
     logging._srcfile = None  # type: ignore[attr-defined]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import os
 import signal
 import ssl
 from contextlib import asynccontextmanager
@@ -13,74 +12,18 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 import uvicorn
-import watchfiles
 
 from fksroute.app import create_app
 from fksroute.daemon import Daemon
 from fksroute.systemd import listen_sockets, watchdog_interval, watchdog_loop
+from fksroute.watcher import watch_files
 
 log = logging.getLogger("fksroute.server")
 # After SIGTERM, /-/ready answers 503 this long before the port closes, so that a health checker
 # sees the stop coming and an alert arriving meanwhile gets a 503 (which TradingView resends).
 STOP_GRACE = 0.5
-WATCH_RETRY = 1.0
 GC_THRESHOLD = 10000
-_MAX_LINKS = 40
 
-
-# --- the file watcher ------------------------------------------------------------------------
-
-def _symlinks(path: Path) -> set[Path]:
-    """Every symlink met while resolving `path`: replacing any of them changes what `path` reads."""
-    links: set[Path] = set()
-    current, parts, hops = Path(path.anchor), list(path.parts[1:]), 0
-    while parts and hops < _MAX_LINKS:  # a loop of links ends here, as it would for the kernel
-        candidate = current / parts.pop(0)
-        if candidate.name == "..":
-            current = current.parent
-        elif candidate.is_symlink():
-            links.add(candidate)
-            hops += 1
-            target = Path(os.readlink(candidate))
-            if target.is_absolute():
-                current = Path(target.anchor)
-            parts[:0] = target.parts[1:] if target.is_absolute() else target.parts
-        else:
-            current = candidate
-    return links
-
-
-def watched_files(daemon: Daemon) -> frozenset[Path]:
-    """routes.yaml and every file its table references, as named and as resolved, with every symlink
-    on the way: saving one, renaming a new file onto it, or swapping a link (`..data`) changes the table."""
-    table = daemon.deployment.table if daemon.deployment else None
-    paths: set[Path] = set()
-    for name in (daemon.config_path, *(table.files if table else ())):
-        absolute = Path(os.path.abspath(name))
-        paths |= {absolute, absolute.resolve(), *_symlinks(absolute)}
-    return frozenset(paths)
-
-
-async def watch_files(daemon: Daemon, stop: asyncio.Event) -> None:
-    """Reload when a watched file changes. Only the files' directories are watched, not recursively,
-    and only changes to the files themselves count, so the journal's writes beside them never do."""
-    while not stop.is_set():
-        try:
-            files = watched_files(daemon)
-            directories = sorted({str(p.parent) for p in files if p.parent.is_dir()})
-            if not directories:
-                raise FileNotFoundError(f"no directory of {daemon.config_path} exists")
-            async for _ in watchfiles.awatch(*directories, watch_filter=lambda _, path: Path(path) in files,
-                                             debounce=100, step=25, stop_event=stop, recursive=False):
-                await daemon.reload("watch")
-                if watched_files(daemon) != files:
-                    break  # a link swap or a new table moved the files: watch where they are now
-        except Exception as exc:  # a directory removed meanwhile, a loop of links, no permission...
-            log.warning("cannot watch the routes file (%s: %s); trying again", type(exc).__name__, exc)
-            await asyncio.sleep(WATCH_RETRY)
-
-
-# --- the server --------------------------------------------------------------------------------
 
 class _Server(uvicorn.Server):
     """uvicorn, stopped the daemon's way: readiness drops at once, the port closes STOP_GRACE later.
