@@ -13,6 +13,7 @@ from typing import Any, AsyncIterator
 
 import uvicorn
 
+from fksroute import logs
 from fksroute.app import create_app
 from fksroute.daemon import Daemon
 from fksroute.systemd import listen_sockets, watchdog_interval, watchdog_loop
@@ -73,19 +74,23 @@ def serve(config_path: Path, host: str | None = None, port: int | None = None) -
 
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
-        await daemon.start(table)
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, lambda: daemon._spawn(daemon.reload("sighup")))
-        daemon._spawn(watch_files(daemon, stop_watching))
-        interval = watchdog_interval()
-        if interval:
-            daemon._spawn(watchdog_loop(daemon.notifier, interval))
-        daemon._spawn(_ready_when_listening(server, daemon))
+        logs.attach_loop(asyncio.get_running_loop())
         try:
-            yield
+            await daemon.start(table)
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGHUP, lambda: daemon._spawn(daemon.reload("sighup")))
+            daemon._spawn(watch_files(daemon, stop_watching))
+            interval = watchdog_interval()
+            if interval:
+                daemon._spawn(watchdog_loop(daemon.notifier, interval))
+            daemon._spawn(_ready_when_listening(server, daemon))
+            try:
+                yield
+            finally:
+                stop_watching.set()
+                await daemon.stop()
         finally:
-            stop_watching.set()
-            await daemon.stop()
+            logs.detach_loop()
 
     settings = table.server
     options: dict[str, Any] = {}

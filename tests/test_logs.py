@@ -14,7 +14,7 @@ def logged():
     stream = io.StringIO()
     writer = Writer(stream)
     logger = logging.Logger("under-test")  # outside the logger tree: pytest's capture never sees it
-    logger.addHandler(Handoff(writer.records))
+    logger.addHandler(Handoff(writer))
 
     def lines():
         writer.stop()
@@ -97,7 +97,7 @@ def test_a_stream_that_is_gone_does_not_stop_the_writer():
 
     writer = Writer(Gone())
     logger = logging.Logger("under-test")
-    logger.addHandler(Handoff(writer.records))
+    logger.addHandler(Handoff(writer))
     logger.error("nobody reads this")
     writer.stop()
     assert not writer._thread.is_alive()
@@ -111,7 +111,7 @@ def test_a_line_said_plainly_is_written_as_a_record_would_be(secret):
     writer = Writer(stream)
     root = logging.getLogger()
     saved_handlers, saved_writer, saved_level = root.handlers[:], logs._writer, root.level
-    root.handlers[:] = [Handoff(writer.records)]
+    root.handlers[:] = [Handoff(writer)]
     root.setLevel(logging.INFO)
     logs._writer = writer
     try:
@@ -138,3 +138,180 @@ def test_a_line_said_while_another_handler_listens_reaches_it_as_a_record(caplog
     with caplog.at_level(logging.INFO):
         logs.say(logging.getLogger("fksroute.said"), logging.INFO, "seen by the capture")
     assert "seen by the capture" in caplog.text
+
+
+# --- on the event loop ---------------------------------------------------------------------------
+
+def said(i: int, secret: str = "") -> tuple:
+    import time as clock
+
+    return (clock.time(), "INFO", "fksroute.said", f"line {i} {secret}".rstrip())
+
+
+def numbers(text: str) -> list[int]:
+    return [int(line.split("line ")[1].split()[0]) for line in text.splitlines()]
+
+
+def test_lines_logged_on_an_attached_loop_are_written_by_the_loop_to_a_file(tmp_path, secret):
+    import asyncio
+
+    path = tmp_path / "stderr"
+    with open(path, "w") as stream:
+        writer = Writer(stream)
+        logger = logging.Logger("under-test")
+        logger.addHandler(Handoff(writer))
+
+        async def run():
+            writer.attach(asyncio.get_running_loop())
+            for i in range(300):
+                if i % 3:
+                    writer.put(said(i, secret))
+                else:
+                    logger.info("line %d %s", i, secret)
+                if i % 50 == 0:
+                    await asyncio.sleep(0.02)  # the loop's timer writes what was logged so far
+            writer.detach()
+
+        asyncio.run(run())
+        writer.stop()
+    text = path.read_text()
+    assert numbers(text) == list(range(300))
+    assert secret not in text and text.count("***") == 300
+    assert writer._handed == 0, "the thread wrote some of the loop's lines"
+
+
+def test_what_a_full_socket_does_not_take_the_thread_writes_in_order(secret):
+    import asyncio
+    import socket
+    import threading
+
+    daemon_end, journald = socket.socketpair()
+    daemon_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    stream = daemon_end.makefile("w")
+    writer = Writer(stream)
+    received = bytearray()
+
+    def read():
+        while chunk := journald.recv(65536):
+            received.extend(chunk)
+
+    reader = threading.Thread(target=read)
+
+    async def run():
+        writer.attach(asyncio.get_running_loop())
+        for i in range(3000):
+            writer.put(said(i, secret))
+            if i == 1000:  # far more than the socket holds while nobody reads: the rest went to the thread
+                await asyncio.sleep(0.02)
+                assert writer._handed > 0
+                reader.start()  # journald reads again, while the thread still has lines to write
+            if i % 100 == 0:
+                await asyncio.sleep(0.005)
+        writer.detach()
+
+    asyncio.run(run())  # never blocked by the full socket
+    writer.stop()
+    stream.close()
+    daemon_end.close()
+    reader.join(5)
+    text = received.decode()
+    assert numbers(text) == list(range(3000))
+    assert secret not in text
+
+
+def test_a_pipe_is_written_by_the_thread_only(tmp_path):
+    import asyncio
+    import os
+
+    from fksroute.logs import direct_sink
+
+    read_end, write_end = os.pipe()
+    stream = os.fdopen(write_end, "w")
+    assert direct_sink(stream) is None  # a pipe (or a terminal) may stop taking bytes at any time
+    with open(tmp_path / "file", "w") as file, open(os.devnull, "w") as null:
+        assert direct_sink(file) is not None and direct_sink(null) is not None
+    assert direct_sink(io.StringIO()) is None
+    writer = Writer(stream)
+
+    async def run():
+        writer.attach(asyncio.get_running_loop())
+        for i in range(100):
+            writer.put(said(i))
+        await asyncio.sleep(0.05)
+        writer.detach()
+
+    asyncio.run(run())
+    writer.stop()
+    stream.close()
+    with os.fdopen(read_end) as reader:
+        assert numbers(reader.read()) == list(range(100))
+
+
+def test_lines_of_other_threads_and_after_the_loop_closed_are_still_written(tmp_path):
+    import asyncio
+    import threading
+
+    path = tmp_path / "stderr"
+    with open(path, "w") as stream:
+        writer = Writer(stream)
+
+        async def run():
+            writer.attach(asyncio.get_running_loop())
+            writer.put(said(0))
+            worker = threading.Thread(target=writer.put, args=(said(1),))  # not the loop's thread
+            worker.start()
+            worker.join()
+            await asyncio.sleep(0.05)
+
+        asyncio.run(run())  # ends without detach: the loop is closed
+        writer.put(said(2))  # on the loop's thread, whose loop is gone: written all the same
+        writer.stop()
+    assert sorted(numbers(path.read_text())) == [0, 1, 2]
+
+
+def test_while_the_thread_is_behind_the_loop_queues_its_lines_behind_it():
+    import asyncio
+    import os
+    import threading
+
+    read_end, write_end = os.pipe()  # holds 64 KB: the thread blocks on what is past it
+    stream = os.fdopen(write_end, "w")
+    writer = Writer(stream)
+
+    class Socketlike:  # full at first, then taking everything: as a socket that journald drains
+        def __init__(self):
+            self.full, self.taken = True, []
+
+        def write(self, data):
+            if self.full:
+                return 0
+            self.taken.append(data)
+            return len(data)
+
+        def close(self):
+            pass
+
+    sink = writer._sink = Socketlike()
+
+    async def run():
+        writer.attach(asyncio.get_running_loop())
+        for i in range(3000):  # about 90 KB: the thread writes the pipe full and waits
+            writer.put(said(i))
+        writer.flush()
+        sink.full = False
+        await asyncio.sleep(0.05)
+        writer.put(said(3000))
+        writer.flush()
+        assert sink.taken == [], "a line went out ahead of the lines the thread still holds"
+        writer.detach()
+
+    asyncio.run(run())
+    received = []
+    reader = threading.Thread(target=lambda: received.append(os.read(read_end, 1 << 20) + b"".join(
+        iter(lambda: os.read(read_end, 1 << 20), b""))))
+    reader.start()
+    writer.stop()
+    stream.close()
+    reader.join(5)
+    os.close(read_end)
+    assert numbers(received[0].decode()) == list(range(3001))
