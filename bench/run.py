@@ -173,7 +173,7 @@ def report(results: list[Result], ready_s: float, rss_idle: float, rss: tuple[fl
               f"{r.non_2xx:>9}{r.socket_errors:>9}{r.duplicates:>6}{r.unsuccessful:>8}"
               f"{r.loop_us:>9.0f}{r.others_us:>9.0f}")
     print("loop us: CPU of the event loop's thread per request; other us: its other threads and processes "
-          "(fksroute: the log writer and the journal writer)")
+          "(fksroute: the journal writer)")
     by = {(r.target, r.connections): r for r in results}
     for conns in sorted({r.connections for r in results}):
         ratio = by["fksroute", conns].requests_per_s / by["bare", conns].requests_per_s
@@ -204,8 +204,7 @@ def main() -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="fksroute-bench-"))
     # A copy of the shipped table, so its relative journal path lands in the temporary directory.
-    # The logs go one level up, as they would to journald: the daemon watches the table's
-    # directory, and a log written there would wake the watcher on every line.
+    # The log goes one level up, into a file: the event loop writes it (see fksroute/logs.py).
     config = workdir / "etc" / "routes.yaml"
     config.parent.mkdir()
     shutil.copy(ROOT / "routes.yaml", config)
