@@ -137,7 +137,7 @@ class Writer:
     attached to, for what is logged there; on its thread for the rest (see the module's text)."""
 
     def __init__(self, stream: TextIO) -> None:
-        self.records: queue.SimpleQueue = queue.SimpleQueue()  # for the thread: records, and _Text
+        self.records: queue.SimpleQueue = queue.SimpleQueue()  # for the thread: records, _Text and _Rest
         self.stream = stream
         self._second: tuple[int, str] = (-1, "")  # the last whole second formatted, and its text
         self._loop: asyncio.AbstractEventLoop | None = None
