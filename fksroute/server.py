@@ -74,10 +74,10 @@ def serve(config_path: Path, host: str | None = None, port: int | None = None) -
 
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
-        logs.attach_loop(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        logs.attach_loop(loop)
         try:
             await daemon.start(table)
-            loop = asyncio.get_running_loop()
             loop.add_signal_handler(signal.SIGHUP, lambda: daemon._spawn(daemon.reload("sighup")))
             daemon._spawn(watch_files(daemon, stop_watching))
             interval = watchdog_interval()

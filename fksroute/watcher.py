@@ -4,7 +4,7 @@ The files are looked at every POLL_EVERY seconds (a stat call for each, and for 
 the way to it), on the event loop. inotify would tell sooner, but it watches directories, and
 the journal usually lies beside routes.yaml: every one of the journal's writes, thousands a
 second under load, became an event for the watching thread and a cost to the journal's writer,
-together about 15 µs of CPU per alert and a tenth of the throughput (bench/). watchfiles' own
+together about 15 µs of CPU per alert (bench/). watchfiles' own
 polling keeps only the whole second of a modification time, and so misses a second edit within
 the same second (samuelcolvin/watchfiles#319). A look at a dozen paths costs the same whether
 alerts flow or not, and compares what matters exactly: which file a name leads to (device and
@@ -94,8 +94,8 @@ async def watch_files(daemon: Daemon, stop: asyncio.Event, every: float = POLL_E
             if files is None:
                 files = watched_files(daemon)
                 seen = signature(files)
-            elif signature(files) != seen:
-                now = await _held_still(files, stop, every)
+            elif (look := signature(files)) != seen:
+                now = await _held_still(files, look, stop, every)
                 if now is None:
                     return
                 await daemon.reload("watch")
@@ -111,10 +111,11 @@ async def watch_files(daemon: Daemon, stop: asyncio.Event, every: float = POLL_E
             return
 
 
-async def _held_still(files: frozenset[Path], stop: asyncio.Event, every: float) -> Signature | None:
-    """The files' signature once two looks `every` apart agree: an editor may save in steps
-    (truncate, then write), and the table is read once they are done. None if stopped meanwhile."""
-    now = signature(files)
+async def _held_still(files: frozenset[Path], now: Signature, stop: asyncio.Event,
+                      every: float) -> Signature | None:
+    """The files' signature once two looks `every` apart agree, the first being `now`: an editor
+    may save in steps (truncate, then write), and the table is read once they are done. None if
+    stopped meanwhile."""
     while not await _stopped(stop, every):
         again = signature(files)
         if again == now:
