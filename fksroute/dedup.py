@@ -114,10 +114,11 @@ class DedupCache:
             del self._answered[digest]
 
     def _digest(self, key: str) -> bytes:
-        last_key, digest = self._last
-        if key != last_key:
-            digest = _digest(key)
-            self._last = (key, digest)
+        last = self._last
+        if last[0] == key:
+            return last[1]
+        digest = _digest(key)
+        self._last = (key, digest)
         return digest
 
     def _settled(self, digest: bytes, seen: Seen) -> None:

@@ -1,7 +1,6 @@
 """The ccxt plugin with the real ccxt library against the Binance imitation: orders, market checks, dry run."""
 
 import asyncio
-import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -213,8 +212,8 @@ def test_credentials_are_checked_by_the_exchange_and_never_shown(imitation):
     [result] = run(plugin_settings(imitation, secret=wrong_secret), seed_order("seed-buy-market.json"))
     assert result.status == "failed"
     assert "Signature for this request is not valid" in result.error
-    assert wrong_secret not in json.dumps(dataclasses.asdict(result))
-    assert imitation.api_key not in json.dumps(dataclasses.asdict(result))
+    assert wrong_secret not in json.dumps(result._asdict())
+    assert imitation.api_key not in json.dumps(result._asdict())
     assert imitation.orders == []
 
 

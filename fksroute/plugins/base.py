@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Collection, Mapping, Protocol, TypeVar, runtime_checkable
+from types import MappingProxyType
+from typing import Any, Collection, Mapping, NamedTuple, Protocol, TypeVar, runtime_checkable
 
 # Result statuses a plugin may return; `skipped` and `queued` are set by the dispatcher only.
 FILLED = "filled"
@@ -20,8 +21,9 @@ SUCCESS_STATUSES = frozenset({FILLED, PLACED, DRY_RUN, "skipped", "queued"})
 Settings = TypeVar("Settings")
 
 
-@dataclass(frozen=True, slots=True)
-class OrderRequest:
+# The two values made once per order are named tuples: as immutable as a frozen dataclass, and
+# built in half its time (a frozen dataclass sets each field through object.__setattr__).
+class OrderRequest(NamedTuple):
     """One validated order on its way to a plugin.
 
     `order` is the canonical order (symbol, side, type, quantity, price, stop_price,
@@ -37,16 +39,16 @@ class OrderRequest:
     order: Mapping[str, Any]
 
 
-@dataclass(frozen=True, slots=True)
-class OrderResult:
-    """What became of one order. `detail` holds plain JSON data only (it is journaled)."""
+class OrderResult(NamedTuple):
+    """What became of one order. `detail` holds plain JSON data only (it is journaled); change
+    a result with `result._replace(...)`."""
 
     status: str
     order_id: str | None = None
     error: str | None = None
     filled_quantity: float | None = None
     average_price: float | None = None
-    detail: Mapping[str, Any] = field(default_factory=dict)
+    detail: Mapping[str, Any] = MappingProxyType({})  # shared by every result without one: read-only
 
     @property
     def ok(self) -> bool:

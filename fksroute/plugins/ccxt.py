@@ -12,7 +12,7 @@ import enum
 import re
 import socket
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Mapping, TypeVar
 
 import aiohttp
@@ -279,7 +279,7 @@ class CcxtPlugin:
             return result, True
         errors = [await self._place_linked(role, call, deadline, detail["linked"][role])
                   for role, call in plan.linked]
-        return replace(result, error="; ".join(e for e in errors if e) or None,
+        return result._replace(error="; ".join(e for e in errors if e) or None,
                        detail={**result.detail, "linked": detail["linked"]}), True
 
     async def _place_linked(self, role: str, call: OrderCall, deadline: float, record: dict[str, Any]) -> str | None:
