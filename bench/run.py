@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -164,23 +165,39 @@ def check_alert_is_executed(port: int) -> None:
         raise SystemExit(f"fksroute did not execute the bench alert: {status} {body.decode()}")
 
 
+def median_of(runs: list[Result]) -> Result:
+    """One line for the rounds of one server and connection count: the median of each figure,
+    the sum of each count."""
+    first = runs[0]
+    return Result(first.target, first.connections,
+                  *(statistics.median(getattr(r, f) for r in runs) for f in ("requests_per_s", "p50_ms", "p99_ms")),
+                  *(sum(getattr(r, f) for r in runs) for f in ("non_2xx", "socket_errors", "duplicates", "unsuccessful")),
+                  *(statistics.median(getattr(r, f) for r in runs) for f in ("loop_us", "others_us")))
+
+
 def report(results: list[Result], ready_s: float, rss_idle: float, rss: tuple[float, float],
            writer_mb: float, steal: float) -> None:
+    keys = list(dict.fromkeys((r.target, r.connections) for r in results))
+    runs = {key: [r for r in results if (r.target, r.connections) == key] for key in keys}
+    rounds = len(runs[keys[0]])
     print(f"{'target':<10}{'conns':>6}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}"
           f"{'non-2xx':>9}{'sock err':>9}{'dup':>6}{'failed':>8}{'loop us':>9}{'other us':>9}")
-    for r in results:
+    for key in keys:
+        r = median_of(runs[key])
         print(f"{r.target:<10}{r.connections:>6}{r.requests_per_s:>10.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}"
               f"{r.non_2xx:>9}{r.socket_errors:>9}{r.duplicates:>6}{r.unsuccessful:>8}"
               f"{r.loop_us:>9.0f}{r.others_us:>9.0f}")
-    print("loop us: CPU of the event loop's thread per request; other us: its other threads and processes "
+    print((f"medians of {rounds} rounds (counts summed); " if rounds > 1 else "")
+          + "loop us: CPU of the event loop's thread per request; other us: its other threads and processes "
           "(fksroute: the journal writer)")
-    by = {(r.target, r.connections): r for r in results}
-    for conns in sorted({r.connections for r in results}):
-        ratio = by["fksroute", conns].requests_per_s / by["bare", conns].requests_per_s
-        print(f"ratio fksroute/bare at {conns} connection(s): {ratio:.2f}"
+    for conns in sorted({c for _, c in keys}):
+        # Each round's ratio is taken from the two servers measured one after the other in it.
+        ratios = [d.requests_per_s / b.requests_per_s for d, b in zip(runs["fksroute", conns], runs["bare", conns])]
+        spread = f" (rounds {min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else ""
+        print(f"ratio fksroute/bare at {conns} connection(s): {statistics.median(ratios):.2f}{spread}"
               + (f"  (goal >= {GOAL_RATIO:.2f} at 32)" if conns == 32 else ""))
-    if ("fksroute", 1) in by:
-        print(f"fksroute p50 at 1 connection: {by['fksroute', 1].p50_ms:.2f} ms  (goal < {GOAL_P50_MS} ms)")
+    if ("fksroute", 1) in runs:
+        print(f"fksroute p50 at 1 connection: {median_of(runs['fksroute', 1]).p50_ms:.2f} ms  (goal < {GOAL_P50_MS} ms)")
     print(f"fksroute resident memory: {rss_idle:.1f} MB when ready, {rss[0]:.1f} MB after the runs, "
           f"peak {rss[1]:.1f} MB  (goal < {GOAL_RSS_MB:.0f} MB); its journal writer process {writer_mb:.1f} MB")
     print(f"fksroute ready (/-/ready 200) {ready_s:.2f} s after start  (goal < {GOAL_READY_S} s)")
@@ -195,6 +212,9 @@ def main() -> int:
     parser.add_argument("--symbols", type=int, default=1,
                         help="spread alerts over this many symbols (default 1: the seed alert's BTC/USDT); "
                              "alerts for one symbol execute in order, one at a time")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="measure both servers this many times, alternating, and report medians (default 3): "
+                             "a shared machine's speed drifts from one minute to the next")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (journal, logs)")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -220,13 +240,15 @@ def main() -> int:
                       bare_port, workdir, workdir / "bare.log")
         bare.wait_until("/-/ready")
         check_alert_is_executed(daemon_port)
-        print(f"wrk: {args.duration}s per run, connections {connections}, {args.symbols} symbol(s); "
+        print(f"wrk: {args.duration}s per run, {max(1, args.rounds)} round(s), connections {connections}, "
+              f"{args.symbols} symbol(s); "
               f"work dir {workdir}", flush=True)
         results = []
         ticks = machine_ticks()
-        for conns in connections:
-            for server in (bare, daemon):
-                results.append(run_wrk(server, conns, args.duration, args.symbols))
+        for _ in range(max(1, args.rounds)):
+            for conns in connections:
+                for server in (bare, daemon):
+                    results.append(run_wrk(server, conns, args.duration, args.symbols))
         rss, writer_mb = daemon.memory_mb(), daemon.children_mb()
         spent = [after - before for before, after in zip(ticks, machine_ticks())]
         steal = 100 * spent[7] / max(sum(spent), 1)
