@@ -221,6 +221,7 @@ def main() -> int:
         print("wrk is not installed: apt-get install -y wrk", file=sys.stderr)
         return 2
     connections = [int(c) for c in args.connections.split(",")]
+    rounds = max(1, args.rounds)
 
     workdir = Path(tempfile.mkdtemp(prefix="fksroute-bench-"))
     # A copy of the shipped table, so its relative journal path lands in the temporary directory.
@@ -240,12 +241,12 @@ def main() -> int:
                       bare_port, workdir, workdir / "bare.log")
         bare.wait_until("/-/ready")
         check_alert_is_executed(daemon_port)
-        print(f"wrk: {args.duration}s per run, {max(1, args.rounds)} round(s), connections {connections}, "
+        print(f"wrk: {args.duration}s per run, {rounds} round(s), connections {connections}, "
               f"{args.symbols} symbol(s); "
               f"work dir {workdir}", flush=True)
         results = []
         ticks = machine_ticks()
-        for _ in range(max(1, args.rounds)):
+        for _ in range(rounds):
             for conns in connections:
                 for server in (bare, daemon):
                     results.append(run_wrk(server, conns, args.duration, args.symbols))

@@ -14,7 +14,7 @@ from typing import Any
 # An answered entry is one bytes value: the key's digest, when it expires, the answer's status and
 # the alert's id. A busy window holds a few hundred thousand of them: as objects (the entry, its
 # float, the key's text and the id's) they took twice the memory, and the cyclic collector walked them.
-_DIGEST = 16  # bytes of BLAKE2b: two keys that differ collide once in 2**64 windows of 2**32 alerts
+_DIGEST = 16  # bytes of BLAKE2b: a window of 2**32 alerts holds two keys that collide with odds 2**-65
 _HEAD = struct.Struct("<dH")  # expires, status
 _ID_AT = _DIGEST + _HEAD.size
 

@@ -280,7 +280,7 @@ class CcxtPlugin:
         errors = [await self._place_linked(role, call, deadline, detail["linked"][role])
                   for role, call in plan.linked]
         return result._replace(error="; ".join(e for e in errors if e) or None,
-                       detail={**result.detail, "linked": detail["linked"]}), True
+                               detail={**result.detail, "linked": detail["linked"]}), True
 
     async def _place_linked(self, role: str, call: OrderCall, deadline: float, record: dict[str, Any]) -> str | None:
         """Place a stop-loss or take-profit order after its entry; return an error line when it failed."""
