@@ -87,11 +87,12 @@ def parse_time(value: Any) -> datetime | None:
     return None
 
 
-def _skip_reason(route: Route, alert: Mapping[str, Any], now: datetime) -> tuple[str, str] | None:
-    """(label, reason) when `route` must not execute `alert` now."""
+def _skip_reason(route: Route, alert: Mapping[str, Any], now: datetime | None) -> tuple[str, str] | None:
+    """(label, reason) when `route` must not execute `alert` now (given when it has a schedule or a max_age)."""
     if not route.enabled:
         return "disabled", "route disabled (enabled: false)"
     if route.schedule is not None:
+        assert now is not None
         local = now.astimezone(ZoneInfo(route.schedule.timezone))
         minute = local.hour * 60 + local.minute
         start, end = route.schedule.start_minute, route.schedule.end_minute
@@ -99,6 +100,7 @@ def _skip_reason(route: Route, alert: Mapping[str, Any], now: datetime) -> tuple
         if local.weekday() not in route.schedule.days or not inside:
             return "schedule", f"outside schedule ({route.schedule.timezone} {local:%a %H:%M})"
     if route.max_age is not None:
+        assert now is not None
         raw = lookup(alert, route.time_field)
         sent = parse_time(raw) if raw is not None else None
         if sent is None:
@@ -150,10 +152,16 @@ def body_key(alert: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical(alert)).hexdigest()
 
 
+def _jinja_names(table: RoutingTable, route: Route, filled: Mapping[str, Any], now: datetime,
+                 markets: Callable[[str], Collection[str]]) -> dict[str, Any]:
+    """What Jinja sees: made only when a template needs Jinja."""
+    return variables(filled, route.name, now, markets(route.to), table.symbols)
+
+
 def plan_alert(table: RoutingTable, alert: Mapping[str, Any], now: datetime | None = None,
                markets: Callable[[str], Collection[str]] = lambda plugin: ()) -> Plan:
-    """Match, guard, render and validate; `markets(plugin)` gives a venue's symbols for `tv_symbol`."""
-    now = now or datetime.now(timezone.utc)
+    """Match, guard, render and validate; `markets(plugin)` gives a venue's symbols for `tv_symbol`.
+    The clock is read (once) only if something needs it: a schedule, a max_age, or Jinja."""
     routes = table.match(alert)
     if not routes:
         if table.unmatched == "reject" or table.defaults is None:
@@ -163,10 +171,6 @@ def plan_alert(table: RoutingTable, alert: Mapping[str, Any], now: datetime | No
                                       label="unmatched"),),
                         alert=alert)
         routes = [table.defaults]
-
-    def jinja_names(route: Route, filled: Mapping[str, Any]) -> dict[str, Any]:
-        """What Jinja sees: made only when a template needs Jinja."""
-        return variables(filled, route.name, now, markets(route.to), table.symbols)
 
     planned: list[PlannedOrder] = []
     first = routes[0]
@@ -179,14 +183,17 @@ def plan_alert(table: RoutingTable, alert: Mapping[str, Any], now: datetime | No
             if problem is not None:
                 return Plan(rejection=Rejection(problem.status, problem.message, "invalid"), alert=alert)
         if route is first and route.dedup_key is not None:
+            now = now or datetime.now(timezone.utc)
             try:
-                dedup_key = str(route.dedup_key.render(jinja_names(route, filled)))
+                dedup_key = str(route.dedup_key.render(_jinja_names(table, route, filled, now, markets)))
             except TransformError as exc:
                 return Plan(rejection=Rejection(422, f"dedup_key of route {route.name}: {exc}", "template"), alert=alert)
         if not table.enabled:
             planned.append(PlannedOrder(route.name, route.to, SKIPPED, reason="fksroute disabled (enabled: false)",
                                         label="disabled"))
             continue
+        if now is None and (route.schedule is not None or route.max_age is not None):
+            now = datetime.now(timezone.utc)
         skip = _skip_reason(route, filled, now)
         if skip is not None:
             planned.append(PlannedOrder(route.name, route.to, SKIPPED, reason=skip[1], label=skip[0]))
@@ -195,7 +202,8 @@ def plan_alert(table: RoutingTable, alert: Mapping[str, Any], now: datetime | No
         try:
             order = template.render_fast(filled)
             if order is None:
-                order = template.render_jinja(jinja_names(route, filled))
+                now = now or datetime.now(timezone.utc)
+                order = template.render_jinja(_jinja_names(table, route, filled, now, markets))
         except TransformError as exc:
             return Plan(rejection=Rejection(422, f"route {route.name}: {exc}", "template"), alert=alert)
         errors = route.schema.errors(order)

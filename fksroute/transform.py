@@ -165,19 +165,26 @@ class _Slow(Exception):
 Evaluate = Callable[[dict], Any]
 
 
-def _fast_order(tree: Any) -> tuple[tuple[Any, Evaluate], ...] | None:
-    """(key, closure) for each leaf of a flat order whose templates are all simple, else None."""
+# A leaf of the fast path: (key, field, default, None) reads `alert.get(field, default)`, the
+# common case, without a call of its own; (key, None, None, closure) computes the rest.
+FastLeaf = tuple[Any, Any, Any, "Evaluate | None"]
+
+
+def _fast_order(tree: Any) -> tuple[FastLeaf, ...] | None:
+    """The leaves of a flat order whose templates are all simple, else None."""
     if not isinstance(tree, dict):
         return None
-    leaves = []
+    leaves: list[FastLeaf] = []
     try:
         for key, leaf in tree.items():
             if isinstance(leaf, Template):
-                leaves.append((key, _fast_leaf(leaf)))
+                evaluate = _fast_leaf(leaf)
+                read = getattr(evaluate, "reads", None)
+                leaves.append((key, *read, None) if read is not None else (key, None, None, evaluate))
             elif isinstance(leaf, (dict, list)):
                 return None
             else:
-                leaves.append((key, _constant(leaf)))
+                leaves.append((key, None, None, _constant(leaf)))
     except _Slow:
         return None
     return tuple(leaves)
@@ -214,7 +221,7 @@ def _fast(node: nodes.Node) -> Evaluate:
         return _constant(_const_value(node))
     name = _alert_field(node)
     if name is not None:
-        return lambda alert: alert.get(name, _UNDEFINED)
+        return _read(name, _UNDEFINED)
     if isinstance(node, nodes.Filter) and not node.kwargs and node.dyn_args is None \
             and node.dyn_kwargs is None and node.node is not None:
         function = ENVIRONMENT.filters.get(node.name)
@@ -227,6 +234,15 @@ def _fast(node: nodes.Node) -> Evaluate:
 
 def _constant(value: Any) -> Evaluate:
     return lambda alert: value
+
+
+def _read(name: str, default: Any) -> Evaluate:
+    """`alert.get(name, default)`: a closure that says what it reads (`reads`), so that the
+    fast path can read it in line."""
+    def evaluate(alert: dict) -> Any:
+        return alert.get(name, default)
+    evaluate.reads = (name, default)  # type: ignore[attr-defined]
+    return evaluate
 
 
 def _const_value(node: nodes.Const) -> Any:
@@ -259,7 +275,7 @@ def _fast_default(value_node: nodes.Expr, default_node: nodes.Expr) -> Evaluate:
         constant = _const_value(default_node)
         name = _alert_field(value_node)
         if name is not None:
-            return lambda alert: alert.get(name, constant)
+            return _read(name, constant)
         return lambda alert: constant if (v := value(alert)) is _UNDEFINED else v
     fallback = _fast(default_node)
     if _alert_field(default_node) is not None:
@@ -288,14 +304,15 @@ def _fast_float(value_node: nodes.Expr) -> Evaluate:
     return evaluate
 
 
-def _render_fast(leaves: tuple[tuple[Any, Evaluate], ...], alert: Any) -> dict[str, Any] | None:
-    """The order from the closures, or None when Jinja has to render it (and word the error)."""
+def _render_fast(leaves: tuple[FastLeaf, ...], alert: Any) -> dict[str, Any] | None:
+    """The order from the leaves, or None when Jinja has to render it (and word the error)."""
     if type(alert) is not dict:
         return None
     out = {}
+    get = alert.get
     try:
-        for key, evaluate in leaves:
-            value = evaluate(alert)
+        for key, name, default, evaluate in leaves:
+            value = get(name, default) if evaluate is None else evaluate(alert)
             if value is not None:
                 if value is _UNDEFINED:
                     return None
@@ -310,7 +327,7 @@ class OrderTemplate:
     """A route's `order:` mapping with each string leaf compiled."""
 
     tree: Any
-    fast: tuple[tuple[Any, Evaluate], ...] | None = field(default=None, init=False, repr=False, compare=False)
+    fast: tuple[FastLeaf, ...] | None = field(default=None, init=False, repr=False, compare=False)
     combined: jinja2.Template | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

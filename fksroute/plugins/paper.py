@@ -6,6 +6,7 @@ import json
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Mapping
 
 from fksroute.plugins.base import FAILED, FILLED, PLACED, OrderRequest, OrderResult, PluginContext
@@ -14,6 +15,14 @@ from fksroute.plugins.base import FAILED, FILLED, PLACED, OrderRequest, OrderRes
 # the most recent ones only, so that a daemon running for months does not keep every order.
 # The journal already refuses a client order id it holds; this is the plugin's own guard.
 RESULTS_KEPT = 10_000
+
+
+@lru_cache(maxsize=1024)
+def _slipped(reference: float, factor: float) -> float:
+    """The market price moved by the slippage, to 10 decimals (100 * 1.0005 is 100.05000000000001
+    in floats). Remembered: round() costs as much as the rest of a fill, and alerts without a price
+    fill at the same simulated price again and again."""
+    return round(reference * factor, 10)
 
 
 @dataclass
@@ -116,7 +125,8 @@ class PaperPlugin:
         except (TypeError, ValueError, KeyError) as exc:
             result = OrderResult(FAILED, error=f"paper: invalid order: {exc}")
         self.book.remember(request.client_order_id, result)
-        self._record(request, result)
+        if self.ledger is not None:
+            self._record(request, result)
         return result
 
     async def lookup(self, request: OrderRequest) -> OrderResult | None:
@@ -144,8 +154,8 @@ class PaperPlugin:
         order_id = f"paper-{request.client_order_id}"
         if kind == "market":
             reference = self._market(symbol, order.get("price"))
-            price = reference * (1 + self.slippage if side == "buy" else 1 - self.slippage)
-            return self._fill(request, order_id, symbol, side, quantity, price)
+            return self._fill(request, order_id, symbol, side, quantity,
+                              _slipped(reference, 1 + self.slippage if side == "buy" else 1 - self.slippage))
         limit = float(order["price"]) if order.get("price") is not None else None
         trigger = float(order["stop_price"]) if order.get("stop_price") is not None else None
         if symbol not in self.book.prices:
@@ -154,7 +164,7 @@ class PaperPlugin:
         resting = _Resting(order_id, symbol, side, quantity, kind, limit, trigger, client_order_id=request.client_order_id)
         price = self._triggered_price(resting, market)
         if price is not None:
-            return self._fill(request, order_id, symbol, side, quantity, price)
+            return self._fill(request, order_id, symbol, side, quantity, round(price, 10))
         self.book.resting[order_id] = resting
         return OrderResult(PLACED, order_id, filled_quantity=0.0,
                            detail={"simulated": True, "market_price": market, "resting": kind})
@@ -180,7 +190,7 @@ class PaperPlugin:
 
     def _fill(self, request: OrderRequest, order_id: str, symbol: str, side: str,
               quantity: float, price: float) -> OrderResult:
-        price = round(price, 10)
+        """Fill at `price`, rounded to 10 decimals already (`_slipped`, or a price of the book)."""
         book = self.book
         position = book.positions.get(symbol)
         if position is None:
@@ -193,7 +203,7 @@ class PaperPlugin:
             attached = self._attach(request, order_id, symbol, side, quantity)
             if attached:
                 detail["attached"] = attached
-        return OrderResult(FILLED, order_id, filled_quantity=quantity, average_price=price, detail=detail)
+        return OrderResult(FILLED, order_id, None, quantity, price, detail)
 
     def _attach(self, request: OrderRequest, parent: str, symbol: str, side: str, quantity: float) -> list[dict]:
         """Stop loss and take profit become resting exit orders, one cancelling the other."""
