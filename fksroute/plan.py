@@ -24,7 +24,8 @@ _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str
 # standard library writes `1e+16`, `1e-07` and `1e-05`; an `e` after a digit, or `0.0000`, sends
 # the alert the standard library's way (inside a string too: only slower, and rare, where an `e`
 # before a digit or a minus sign was common: `ema-cross`, `close-long`, `fksroute-32-7`).
-_EXPONENT = re.compile(rb"[0-9]e")
+# An `e` after a digit, written `e` first: the search then jumps from `e` to `e` (three times faster).
+_EXPONENT = re.compile(rb"e(?<=[0-9]e)")
 _ONLY_JSON = orjson.OPT_SORT_KEYS | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS \
     | orjson.OPT_PASSTHROUGH_SUBCLASS  # anything but plain JSON data goes the standard library's way
 READY = "ready"

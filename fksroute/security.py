@@ -39,6 +39,8 @@ def _within(address: Any, networks: Sequence[Network]) -> bool:
 def client_address(peer: str | None, forwarded_for: str | None, trusted_proxies: Sequence[Network]) -> str | None:
     """The client's address: X-Forwarded-For is believed only when the peer is a trusted proxy,
     and then only up to the first hop that is not itself a trusted proxy."""
+    if not forwarded_for:
+        return _peer_text(peer)
     address = _address(peer)
     if address is None or not forwarded_for or not _within(address, trusted_proxies):
         return _text(address)
@@ -50,6 +52,12 @@ def client_address(peer: str | None, forwarded_for: str | None, trusted_proxies:
         if not _within(address, trusted_proxies):
             break
     return _text(address)
+
+
+@lru_cache(maxsize=4096)
+def _peer_text(peer: str | None) -> str | None:
+    """The peer's address as text (::ffff:a.b.c.d as a.b.c.d): one look-up for the common request."""
+    return _text(_address(peer))
 
 
 @lru_cache(maxsize=4096)
