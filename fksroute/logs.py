@@ -140,7 +140,6 @@ class Writer:
         self.records: queue.SimpleQueue = queue.SimpleQueue()  # for the thread: records, _Text and _Rest
         self.stream = stream
         self._second: tuple[int, str] = (-1, "")  # the last whole second formatted, and its text
-        self._stamp: tuple[tuple[int, int], str] = ((-1, -1), "")  # the last millisecond's asctime
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self._batch: list = []  # what the loop's thread logged since the last write
@@ -276,17 +275,11 @@ class Writer:
             pass
 
     def _asctime(self, created: float) -> str:
-        """FORMAT's asctime (logging's default: local time, then milliseconds after a comma); the
-        lines of one millisecond (a busy one has several) share the text."""
+        """FORMAT's asctime (logging's default: local time, then milliseconds after a comma)."""
         second = int(created)
-        millisecond = int((created - second) * 1000)
-        if (second, millisecond) == self._stamp[0]:
-            return self._stamp[1]
         if second != self._second[0]:
             self._second = (second, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second)))
-        text = f"{self._second[1]},{millisecond:03d}"
-        self._stamp = ((second, millisecond), text)
-        return text
+        return f"{self._second[1]},{int((created - second) * 1000):03d}"
 
 
 _writer: Writer | None = None
