@@ -22,6 +22,17 @@ def run(coro):
     return asyncio.run(coro)
 
 
+def test_a_slipped_price_is_rounded_to_ten_decimals_on_every_fill(tmp_path):
+    """100 * 1.0005 is 100.05000000000001 in floats: every fill answers 100.05, the first and
+    the ones after it (the rounded price is remembered), for buys and sells alike."""
+    p = plugin(tmp_path, slippage_bps=5)
+    for i in range(3):
+        assert p.execute_now(req(f"b{i}", symbol="X", side="buy", quantity=1)).average_price == 100.05
+        assert p.execute_now(req(f"s{i}", symbol="X", side="sell", quantity=1)).average_price == 99.95
+    odd = plugin(tmp_path, slippage_bps=7, default_price=0.1)
+    assert odd.execute_now(req("o", symbol="Y", side="buy", quantity=1)).average_price == round(0.1 * 1.0007, 10)
+
+
 def test_market_fills_with_slippage_against_the_trader(tmp_path):
     p = plugin(tmp_path, slippage_bps=10)
     buy = run(p.execute(req("1", symbol="X", side="buy", quantity=2, price=100.0)))
