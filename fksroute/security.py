@@ -42,7 +42,7 @@ def client_address(peer: str | None, forwarded_for: str | None, trusted_proxies:
     if not forwarded_for:
         return _peer_text(peer)
     address = _address(peer)
-    if address is None or not forwarded_for or not _within(address, trusted_proxies):
+    if address is None or not _within(address, trusted_proxies):
         return _text(address)
     for hop in reversed([h for h in forwarded_for.split(",") if h.strip()]):
         hop_address = _address(hop)

@@ -192,7 +192,7 @@ class PaperPlugin:
 
     def _fill(self, request: OrderRequest, order_id: str, symbol: str, side: str,
               quantity: float, price: float) -> OrderResult:
-        """Fill at `price`, rounded to 10 decimals already (`_slipped`, or a price of the book)."""
+        """Fill at `price`, which the caller rounded to 10 decimals."""
         book = self.book
         position = book.positions.get(symbol)
         if position is None:
